@@ -91,7 +91,8 @@ def build_tokenizer(vocab_size: int = 512):
 
 def build_model(path: str | Path, model_type: str = "llama", hidden_size: int = 64,
                 intermediate_size: int = 128, num_hidden_layers: int = 2,
-                num_attention_heads: int = 4, num_key_value_heads: int = 2, seed: int = 0) -> Path:
+                num_attention_heads: int = 4, num_key_value_heads: int = 2, seed: int = 0,
+                initializer_range: float = 0.1) -> Path:
     """Write a tiny random-weight causal LM and its tokenizer to `path` (save_pretrained)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -104,7 +105,7 @@ def build_model(path: str | Path, model_type: str = "llama", hidden_size: int = 
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False)
+        tie_word_embeddings=False, initializer_range=initializer_range)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)

@@ -1,0 +1,100 @@
+"""Command-line entry points; jobs/*.py call these. Parsing and printing only: decisions live in
+the modules they call. Every user error is one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .config import ConfigError, RunConfig, load_config, print_notes
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Turn the errors a user can fix into one line and exit status 2."""
+    def wrapper(argv: list[str] | None = None) -> int:
+        from .data import DataError
+        try:
+            return main(argv)
+        except (ConfigError, DataError) as exc:
+            return _fail(str(exc))
+    return wrapper
+
+
+def load_checked(config: str, overrides: list[str]) -> RunConfig:
+    """Config plus the checks that need the filesystem, all before any work or submission."""
+    from .data import check_data_paths
+    cfg = load_config(config, overrides)
+    check_data_paths(cfg.data, cfg.source)
+    if cfg.export.gguf:
+        try:
+            from .export.gguf import check_gguf_types
+            check_gguf_types(cfg.export.gguf)
+        except ValueError as exc:
+            raise ConfigError(f"{cfg.source}: export.gguf: {exc}") from None
+    print_notes(cfg)
+    return cfg
+
+
+def submit_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="submit.py", description="Validate a run config and submit it to Slurm, or run it locally.")
+    parser.add_argument("config", help="YAML run config, e.g. configs/mistral.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.learning_rate=1e-4")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="run here (one GPU or the CPU), not on Slurm")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the resolved config and the plan; write and submit nothing")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="with --local: number of processes (torch.distributed on one machine)")
+    parser.add_argument("--wait", action="store_true", help="wait for the Slurm job and return its exit status")
+    return parser
+
+
+@guarded
+def submit_main(argv: list[str] | None = None) -> int:
+    args = submit_parser().parse_intermixed_args(argv)
+    overrides = list(args.overrides)
+    if args.nproc is not None:
+        overrides.append(f"distributed.nproc={args.nproc}")
+    cfg = load_checked(args.config, overrides)
+    if args.dry_run:
+        return dry_run(cfg, local=args.local)
+    if args.local:
+        return run_local_mode(cfg)
+    from .launch.slurm import submit
+    return submit(cfg, wait=args.wait)
+
+
+def dry_run(cfg: RunConfig, *, local: bool = False) -> int:
+    print("# resolved config")
+    print(cfg.to_yaml())
+    print(f"# run directory: {cfg.run_root}")
+    if not local:
+        try:
+            from .launch.slurm import render_plan
+        except ImportError:
+            render_plan = None
+        if render_plan is not None:
+            print(render_plan(cfg))
+    return 0
+
+
+def run_local_mode(cfg: RunConfig) -> int:
+    from .recipe import reset_run
+    from .storage import RunDir
+    if cfg.fresh_start:
+        reset_run(RunDir(cfg.run_root))
+    if cfg.distributed.nproc > 1:
+        from .launch.multiproc import run_local_multiprocess
+        return run_local_multiprocess(cfg)
+    from .launch.local import run_local
+    result = run_local(cfg)
+    print(f"run {result.status}: {result.run_dir}")
+    return 0

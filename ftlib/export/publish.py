@@ -1,0 +1,81 @@
+"""Publish a run's artifacts: adapter, merged model, GGUF files, Modelfile, then the manifest.
+
+Each artifact appears under its final name complete or not at all (staging directory or temp
+file + rename). The manifest is written last; its presence means the export is complete. An
+interrupted export re-run makes only what is missing; a complete one is left as it is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..storage import RunDir, staging_dir, write_manifest
+
+
+def save_adapter(trainer, tokenizer, run: RunDir) -> Path:
+    # Trainer.save_model gathers sharded (ZeRO-3 / FSDP) tensors before writing; a plain
+    # save_pretrained there would write zero-sized LoRA tensors (FIELD-NOTES).
+    with staging_dir(run.adapter) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return run.adapter
+
+
+def save_full_model(trainer, tokenizer, run: RunDir) -> Path:
+    """method: full has no adapter: the trained model itself is the merged model."""
+    with staging_dir(run.merged) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return run.merged
+
+
+def save_merged(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, log=print) -> Path:
+    from ..model import merge_adapter, torch_dtype
+    merged = merge_adapter(cfg, base_path, run.adapter, dtype=torch_dtype(cfg.export.merged_dtype))
+    with staging_dir(run.merged) as tmp:
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    log(f"export: merged model -> {run.merged}")
+    return run.merged
+
+
+def export_derived(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, *, force: bool = False,
+                   log=print) -> dict[str, Any]:
+    """Merged model, GGUF files and Modelfile from the adapter on disk; skips what is complete."""
+    made: dict[str, Any] = {}
+    if cfg.model.method != "full" and (cfg.export.merged or cfg.export.gguf):
+        if force or not (run.merged / "config.json").exists():
+            save_merged(cfg, run, base_path, tokenizer, log=log)
+        made["merged"] = str(run.merged)
+    if cfg.export.gguf:
+        from .gguf import export_gguf
+        run.gguf.mkdir(parents=True, exist_ok=True)
+        files = []
+        for qtype in cfg.export.gguf:
+            out = run.gguf / f"{cfg.name}-{qtype}.gguf"
+            if force or not out.exists():
+                export_gguf(run.merged, out, qtype)
+                log(f"export: GGUF {qtype} -> {out}")
+            files.append(str(out))
+        made["gguf"] = files
+        if cfg.export.ollama:
+            from .ollama import write_modelfile
+            system = cfg.export.system_prompt or cfg.data.system_prompt
+            write_modelfile(run.modelfile, Path(files[0]).name, tokenizer, system=system)
+            made["modelfile"] = str(run.modelfile)
+    return made
+
+
+def publish_artifacts(cfg: RunConfig, run: RunDir, trainer, tokenizer, base_path: str,
+                      log=print) -> dict[str, Any]:
+    made: dict[str, Any] = {}
+    if cfg.model.method == "full":
+        made["merged"] = str(save_full_model(trainer, tokenizer, run))
+    else:
+        made["adapter"] = str(save_adapter(trainer, tokenizer, run))
+        log(f"export: adapter -> {run.adapter}")
+    made.update(export_derived(cfg, run, base_path, tokenizer, log=log))
+    write_manifest(run, {"model": cfg.model.name, "method": cfg.model.method})
+    log(f"export: manifest -> {run.manifest}")
+    return made

@@ -1,0 +1,125 @@
+"""Model: tokenizer, base model (hub id, local path or builtin tiny), quantization, LoRA, merge."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+from .templates import NAMED_TEMPLATES
+from .tiny import BUILTIN_MODELS, BUILTIN_PREFIX, ensure_builtin
+
+
+def hf_cache_dir(cfg: RunConfig) -> Path:
+    return Path(os.path.expanduser(cfg.storage.hf_cache))
+
+
+def resolve_model_path(cfg: RunConfig) -> str:
+    """A local directory or a hub id that from_pretrained understands."""
+    name = cfg.model.name
+    if name.startswith(BUILTIN_PREFIX):
+        key = name[len(BUILTIN_PREFIX):]
+        if key not in BUILTIN_MODELS:
+            raise ConfigError(f"{cfg.source}: model.name: unknown builtin model '{key}'; valid: "
+                              f"{', '.join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)}")
+        return str(ensure_builtin(key, hf_cache_dir(cfg)))
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not path.is_dir():
+        raise ConfigError(f"{cfg.source}: model.name: local model directory not found: {name}")
+    return str(path) if path.is_dir() else name
+
+
+def torch_dtype(name: str | None):
+    import torch
+    if name in (None, "auto"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32  # CPUs here lack bf16 units: fp32 is ~6x faster (FIELD-NOTES)
+    return getattr(torch, name)
+
+
+def load_tokenizer(cfg: RunConfig, path: str):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Padding never carries loss (labels -100, attention mask 0), so reusing eos is safe.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if cfg.data.chat_template in NAMED_TEMPLATES:
+        tokenizer.chat_template = NAMED_TEMPLATES[cfg.data.chat_template]
+    elif cfg.data.format != "completion" and not tokenizer.chat_template:
+        raise ConfigError(f"{cfg.source}: data.chat_template: the tokenizer of {cfg.model.name} has no "
+                          f"chat template; set data.chat_template to one of {', '.join(NAMED_TEMPLATES)}")
+    return tokenizer
+
+
+def bnb_config(quantization: dict[str, Any]):
+    from transformers import BitsAndBytesConfig
+    values = dict(quantization)
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if values.get(key):
+            values[key] = torch_dtype(values[key])
+    return BitsAndBytesConfig(**values)
+
+
+def device_map(local_rank: int = 0) -> dict[str, Any] | None:
+    import torch
+    return {"": local_rank} if torch.cuda.is_available() else None
+
+
+def load_base_model(cfg: RunConfig, path: str, *, quantized: bool, dtype=None, local_rank: int = 0):
+    from transformers import AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code,
+                              "dtype": dtype or torch_dtype(cfg.model.dtype)}
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if quantized and cfg.quantization:
+        kwargs["quantization_config"] = bnb_config(cfg.quantization)
+        kwargs["device_map"] = device_map(local_rank)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def lora_config(cfg: RunConfig):
+    from peft import LoraConfig
+    values = {"task_type": "CAUSAL_LM", **cfg.lora}
+    return LoraConfig(**values)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def build_training_model(cfg: RunConfig, path: str, *, local_rank: int = 0, log=print):
+    """The base model prepared for training: quantized + LoRA, LoRA, or all weights."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    method = cfg.model.method
+    model = load_base_model(cfg, path, quantized=method == "qlora", local_rank=local_rank)
+    # A KV cache is useless in training and, when present, stops transformers from building the
+    # block-diagonal mask that packed rows need.
+    model.config.use_cache = False
+    checkpointing = bool(cfg.training.get("gradient_checkpointing"))
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method in ("qlora", "lora"):
+        if checkpointing and method == "lora":
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora_config(cfg))
+    trainable, total = count_parameters(model)
+    log(f"model: {cfg.model.name} ({method}), trainable parameters {trainable:,} of {total:,} "
+        f"({100 * trainable / max(total, 1):.3f}%)")
+    return model
+
+
+def merge_adapter(cfg: RunConfig, base_path: str, adapter_dir: Path, dtype=None):
+    """The base re-loaded at full/half precision with the adapter merged in.
+
+    Never merged into 4-bit weights: that is lossy (FIELD-NOTES); the merged model is what GGUF
+    exports and Ollama serve.
+    """
+    from peft import PeftModel
+    base = load_base_model(cfg, base_path, quantized=False, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -1,0 +1,72 @@
+"""Tracking: W&B (online or offline, files inside the run directory), TensorBoard, or none.
+
+The W&B run id is stored in the run directory the first time and passed back on every restart
+(requeue, preemption, a second local invocation), so one training run is one W&B run.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig
+from .storage import RunDir, atomic_write_text
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+@dataclass
+class Tracking:
+    report_to: list[str]            # what HF Trainer reports to
+    wandb_run_id: str | None = None
+    wandb_dir: Path | None = None
+
+    def sync_command(self) -> str | None:
+        if self.wandb_dir is None:
+            return None
+        return f"wandb sync {self.wandb_dir}/offline-run-*-{self.wandb_run_id}"
+
+
+def backends(cfg: RunConfig) -> list[str]:
+    chosen = cfg.training.get("report_to") or cfg.tracking.backends
+    chosen = [chosen] if isinstance(chosen, str) else list(chosen)
+    return [b for b in chosen if b not in ("none", None)]
+
+
+def wandb_run_id(run: RunDir) -> str:
+    path = run.root / RUN_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
+def start_tracking(cfg: RunConfig, run: RunDir, *, is_main: bool, log=print) -> Tracking:
+    chosen = backends(cfg)
+    if "tensorboard" in chosen:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
+    if "wandb" not in chosen or not is_main:
+        return Tracking(report_to=[b for b in chosen if b != "wandb" or is_main])
+    import wandb
+    run_id = wandb_run_id(run)
+    # wandb writes into <dir>/wandb/, which is the run directory's wandb/ (DESIGN.md).
+    os.environ["WANDB_DIR"] = str(run.root)
+    # Trainer's WandbCallback would otherwise upload checkpoints as artifacts.
+    os.environ.setdefault("WANDB_LOG_MODEL", "false")
+    wandb.init(id=run_id, resume="allow", project=cfg.tracking.project, entity=cfg.tracking.entity,
+               group=cfg.tracking.group, tags=cfg.tracking.tags or None, name=cfg.name,
+               dir=str(run.root), mode=cfg.tracking.mode, config=cfg.to_dict(),
+               settings=wandb.Settings(console="off", x_disable_stats=True))
+    log(f"tracking: W&B run {run_id} ({cfg.tracking.mode}) in {run.wandb}")
+    return Tracking(report_to=chosen, wandb_run_id=run_id,
+                    wandb_dir=run.wandb if cfg.tracking.mode == "offline" else None)
+
+
+def finish_tracking(tracking: Tracking) -> None:
+    if tracking.wandb_run_id is None:
+        return
+    import wandb
+    if wandb.run is not None:
+        wandb.finish()
