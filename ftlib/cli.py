@@ -47,10 +47,9 @@ def submit_parser() -> argparse.ArgumentParser:
         prog="submit.py", description="Validate a run config and submit it to Slurm, or run it locally.")
     parser.add_argument("config", help="YAML run config, e.g. configs/mistral.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.learning_rate=1e-4")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--local", action="store_true", help="run here (one GPU or the CPU), not on Slurm")
-    mode.add_argument("--dry-run", action="store_true",
-                      help="print the resolved config and the plan; write and submit nothing")
+    parser.add_argument("--local", action="store_true", help="run here (one GPU or the CPU), not on Slurm")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and the plan; write and submit nothing")
     parser.add_argument("--nproc", type=int, default=None,
                         help="with --local: number of processes (torch.distributed on one machine)")
     parser.add_argument("--wait", action="store_true", help="wait for the Slurm job and return its exit status")

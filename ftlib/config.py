@@ -258,8 +258,12 @@ def _where(origins: dict[str, str], key: str, default: str) -> str:
 
 
 def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(valid))}"
+    close = difflib.get_close_matches(key, valid, n=2, cutoff=0.5)
+    # A key that starts a valid name is a strong hint too (slurm.gpus -> gpus_per_node).
+    close += [name for name in valid if name.startswith(key) and name not in close][:1]
+    if close:
+        return "did you mean " + " or ".join(f"'{name}'" for name in close) + "?"
+    return f"valid keys: {', '.join(sorted(valid))}"
 
 
 def _type_name(tp: Any) -> str:

@@ -105,7 +105,9 @@ def to_sample(record: Any, data: DataSection) -> dict[str, Any]:
             raise ValueError("missing or empty field 'instruction'")
         if output is None or not output.strip():
             raise ValueError("missing or empty field 'output'")
-        extra = record.get("input") or ""
+        extra = record.get("input")
+        if extra is None or (isinstance(extra, float) and extra != extra):  # CSV/Parquet empty cell
+            extra = ""
         if not isinstance(extra, str):
             raise ValueError("field 'input' is not text")
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction

@@ -76,7 +76,31 @@ def load_base_model(cfg: RunConfig, path: str, *, quantized: bool, dtype=None, l
     if quantized and cfg.quantization:
         kwargs["quantization_config"] = bnb_config(cfg.quantization)
         kwargs["device_map"] = device_map(local_rank)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantized:
+        keep_one_cpu_4bit_path(model)
+    return model
+
+
+def keep_one_cpu_4bit_path(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights on the first no-grad forward on CPU.
+
+    bitsandbytes 0.50 converts Linear4bit weights to a CPU-packed format the first time a layer
+    runs in eval mode without grad (an evaluation), and every later forward, training included,
+    uses it; its results differ by ~3e-2 in the logits. Evaluation would then change training
+    numerics, and a resumed run (not yet evaluated) would diverge from an uninterrupted one.
+    Returns how many layers were pinned.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    pinned = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            pinned += 1
+    return pinned
 
 
 def lora_config(cfg: RunConfig):

@@ -46,6 +46,7 @@ class RunResult:
     wandb_run_id: str | None = None
     resumed_from: str | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
+    model: Any = field(default=None, repr=False)   # the trained model, for callers in this process
 
 
 # ---------------------------------------------------------------------------- distributed basics
@@ -184,7 +185,8 @@ def write_run_files(cfg: RunConfig, run: RunDir) -> None:
     atomic_write_text(run.config, cfg.to_yaml())
 
 
-def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, log=print) -> RunResult:
+def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: list | None = None,
+               log=print) -> RunResult:
     from transformers import Trainer, set_seed
 
     from . import data as data_mod
@@ -218,13 +220,14 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, log=print) ->
     args = training_arguments(cfg, run, tracking.report_to)
     trainer = Trainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                       data_collator=data_mod.Collator(tokenizer.pad_token_id),
-                      callbacks=_make_callbacks(run, stop, log))
+                      callbacks=_make_callbacks(run, stop, log) + list(callbacks or []))
     resume = newest_complete_checkpoint(run)
     if resume is not None:
         log(f"resuming from {resume} (step {checkpoint_step(resume)})")
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     result = RunResult(run.root, "completed", trainer.state.global_step, output.training_loss,
-                       wandb_run_id=tracking.wandb_run_id, resumed_from=str(resume) if resume else None)
+                       wandb_run_id=tracking.wandb_run_id, resumed_from=str(resume) if resume else None,
+                       model=trainer.model)
     if stop is not None and stop.is_set() and trainer.state.global_step < trainer.state.max_steps:
         result.status = "interrupted"
         if main:

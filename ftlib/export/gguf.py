@@ -80,6 +80,13 @@ _KNOWN_PRE_TOKENIZERS = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM
 }
+# Split regexes (as tokenizer.json spells them) of the pre-tokenizers llama.cpp implements, for
+# tokenizers whose vocabulary is not in the table above (e.g. retrained or extended ones).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_KNOWN_SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +252,7 @@ def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: str):
     converter chooses: 1-D tensors (norms, biases, rope factors) stay F32."""
     from gguf import GGMLQuantizationType as T
 
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or qtype == "f32":
         return T.F32
     if qtype == "bf16":
         return T.BF16
@@ -320,13 +327,24 @@ def _pre_tokenizer_name(tokenizer, tokenizer_json: dict[str, Any]) -> str:
     # A tokenizer trained here (ftlib's tiny models, a fresh BPE) has no entry in llama.cpp's
     # table; the plain GPT-2 byte-level pre-tokenizer is llama.cpp's `gpt-2`, regex for regex.
     pre = tokenizer_json.get("pre_tokenizer") or {}
-    if (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-            and not pre.get("add_prefix_space", False) and not tokenizer_json.get("normalizer")):
+    normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):  # Qwen2's NFC changes no ordinary text; others might
+        pass
+    elif (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space", False)):
         return "gpt-2"
+    elif pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2:
+        split, byte_level = pre["pretokenizers"]
+        pattern = (split.get("pattern") or {}).get("Regex")
+        if (split.get("type") == "Split" and split.get("behavior") == "Isolated"
+                and not split.get("invert") and pattern in _KNOWN_SPLITS
+                and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)
+                and not byte_level.get("add_prefix_space", False)):
+            return _KNOWN_SPLITS[pattern]
     raise ValueError(
         "GGUF export: unrecognized byte-level BPE pre-tokenizer (its llama.cpp check hash "
-        f"{chkhsh} is not one of Llama 3, Qwen2, GPT-2, Mistral Nemo, SmolLM, and it is not plain "
-        "GPT-2 ByteLevel): llama.cpp would split text differently from training; convert this "
+        f"{chkhsh} is not one of Llama 3, Qwen2, GPT-2, Mistral Nemo, SmolLM, and its pre_tokenizer "
+        "is neither GPT-2 ByteLevel nor a Llama 3 or Qwen2 split): llama.cpp would split text differently from training; convert this "
         "model with llama.cpp's convert_hf_to_gguf.py instead")
 
 
@@ -476,7 +494,7 @@ def _temp_path(final: Path, tag: str) -> Path:
 
 
 def _write_gguf(model_dir: Path, path: Path, qtype: str, name: str | None,
-                chat_template: str | None) -> None:
+                chat_template: str | None, add_bos: bool | None = None) -> None:
     """Write a GGUF of numpy type `qtype` (f16/bf16/q8_0) to `path` (not atomic by itself)."""
     import gguf
 
@@ -484,14 +502,17 @@ def _write_gguf(model_dir: Path, path: Path, qtype: str, name: str | None,
     family = config["model_type"]
     arch = gguf.MODEL_ARCH.QWEN2 if family == "qwen2" else gguf.MODEL_ARCH.LLAMA
     tok = _tokenizer_metadata(model_dir, config["vocab_size"], chat_template)
+    if add_bos is not None:
+        tok["add_bos"] = bool(add_bos)
     plans = _plan_tensors(model_dir, config, qtype, arch)
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
     try:
-        # transformers' GGUF loader recognizes Mistral (stored as llama) by general.name == "mistral".
-        _add_metadata(writer, config, tok, name or family, file_type)
+        # Not plain "mistral": transformers 5.23 maps general.name == "mistral" to a GGUF
+        # architecture that gguf-py lacks and fails; llama.cpp and Ollama ignore the name.
+        _add_metadata(writer, config, tok, name or f"ftlib-{family}", file_type)
         for plan in plans:
             writer.add_tensor_info(plan.name, plan.shape, np.float32, plan.nbytes, raw_dtype=plan.qtype)
         writer.write_header_to_file(path=path)
@@ -521,13 +542,16 @@ def _run_quantize(binary: str, src: Path, dst: Path, ktype: str, threads: int | 
 
 
 def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "f16", *,
-                name: str | None = None, chat_template: str | None = None,
+                name: str | None = None, chat_template: str | None = None, add_bos: bool | None = None,
                 quantize_binary: str | None = None, threads: int | None = None) -> Path:
     """Convert the merged HF model in `merged_dir` to a GGUF file at `out_path`, atomically.
 
     qtype: one of f16, bf16, q8_0 (written here) or q4_k_m, q5_k_m, q6_k (llama-quantize).
-    name: general.name (default: the model type, e.g. "mistral").
+    name: general.name (default "ftlib-<model type>"; the run name is a good choice).
     chat_template: embedded instead of the tokenizer's own (e.g. the named template used in training).
+    add_bos: tokenizer.ggml.add_bos_token, i.e. whether llama.cpp/Ollama prepend BOS to a prompt;
+        default: what the tokenizer does with add_special_tokens=True. Chat training that tokenizes
+        the rendered template with add_special_tokens=False matches add_bos=False exactly.
     quantize_binary: llama-quantize to use (default: find_llama_quantize()).
     threads: llama-quantize threads (default: its own choice).
     Returns the final path. On any failure nothing is left at `out_path` or beside it."""
@@ -546,14 +570,14 @@ def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, qtyp
         if binary is None:
             tmp = _temp_path(final, qtype)
             temps.append(tmp)
-            _write_gguf(merged_dir, tmp, qtype, name, chat_template)
+            _write_gguf(merged_dir, tmp, qtype, name, chat_template, add_bos)
         else:
-            source_dtype = str(_read_config(merged_dir).get("dtype") or
-                               _read_config(merged_dir).get("torch_dtype") or "")
+            config = _read_config(merged_dir)
+            source_dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
             base_type = "bf16" if source_dtype == "bfloat16" else "f16"
             base = _temp_path(final, base_type)
             temps.append(base)
-            _write_gguf(merged_dir, base, base_type, name, chat_template)
+            _write_gguf(merged_dir, base, base_type, name, chat_template, add_bos)
             tmp = _temp_path(final, qtype)
             temps.append(tmp)
             _run_quantize(binary, base, tmp, qtype, threads)
