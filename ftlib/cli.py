@@ -32,12 +32,13 @@ def load_checked(config: str, overrides: list[str]) -> RunConfig:
     from .data import check_data_paths
     cfg = load_config(config, overrides)
     check_data_paths(cfg.data, cfg.source)
-    if cfg.export.gguf:
+    if cfg.export.gguf and cfg.container.runtime == "none":
+        # Inside a container the image's own llama.cpp quantizer is used (containers/ftlib.def).
         try:
             from .export.gguf import check_gguf_types
             check_gguf_types(cfg.export.gguf)
         except ValueError as exc:
-            raise ConfigError(f"{cfg.source}: export.gguf: {exc}") from None
+            raise ConfigError(f"{cfg.source}: {exc}") from None
     print_notes(cfg)
     return cfg
 
@@ -96,4 +97,54 @@ def run_local_mode(cfg: RunConfig) -> int:
     from .launch.local import run_local
     result = run_local(cfg)
     print(f"run {result.status}: {result.run_dir}")
+    return 0
+
+
+def status_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="status.py", description="Show the runs under a storage root: Slurm state, step, loss, "
+                                      "requeues, artifacts, W&B run and log; follow or cancel one.")
+    parser.add_argument("command", nargs="?", default="list", choices=["list", "cancel"],
+                        help="list (default) or cancel RUN")
+    parser.add_argument("run", nargs="?", help="run name (for cancel)")
+    parser.add_argument("--follow", metavar="RUN", help="print RUN's log as it grows until the job ends")
+    parser.add_argument("--root", help="storage root (default: storage.root of --config, else ./runs)")
+    parser.add_argument("--config", help="take the storage root from this config")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+@guarded
+def status_main(argv: list[str] | None = None) -> int:
+    import os
+    from pathlib import Path
+
+    from . import status
+    from .storage import RunDir
+    args = status_parser().parse_args(argv)
+    if args.root:
+        root = Path(os.path.expanduser(args.root)).resolve()
+    elif args.config:
+        root = load_config(args.config).run_root.parent
+    else:
+        root = Path(os.environ.get("FTLIB_STORAGE", "./runs")).resolve()
+    if args.follow or args.command == "cancel":
+        name = args.follow or args.run
+        if not name:
+            return _fail("cancel needs a run name: status.py cancel RUN")
+        run = RunDir(root / name)
+        if not run.config.exists():
+            known = ", ".join(r.name for r in status.find_runs(root)) or "none"
+            return _fail(f"no run named {name!r} under {root} (runs: {known}); pass --root or --config")
+        if args.follow:
+            status.follow(run)
+            return 0
+        try:
+            job_id = status.cancel(run)
+        except ValueError as exc:
+            return _fail(str(exc))
+        print(f"cancelled Slurm job {job_id} (run {name})")
+        return 0
+    rows = status.table(root)
+    print(status.describe(rows) if args.json else (status.format_table(rows) if rows else f"no runs under {root}"))
     return 0

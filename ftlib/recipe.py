@@ -91,6 +91,18 @@ def reset_run(run: RunDir) -> None:
 
 
 # ---------------------------------------------------------------------------- callbacks
+def _any_rank(flag: bool) -> bool:
+    """True when any process has the flag: ranks must stop at the same step or they deadlock."""
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _make_callbacks(run: RunDir, stop: StopRequest | None, log):
     from transformers import TrainerCallback
 
@@ -144,7 +156,11 @@ def _make_callbacks(run: RunDir, stop: StopRequest | None, log):
         """Preemption: finish the current optimizer step, save a complete checkpoint, stop."""
 
         def on_step_end(self, args, state, control, **kwargs):
-            if stop is not None and stop.is_set():
+            if stop is None:
+                return control
+            if _any_rank(stop.is_set()) and not stop.is_set():
+                stop.set("another rank was signalled")
+            if stop.is_set():
                 log(f"stop requested ({stop.reason}): saving checkpoint at step {state.global_step}")
                 control.should_save = True
                 control.should_training_stop = True

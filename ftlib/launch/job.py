@@ -1,0 +1,79 @@
+"""The job function that Slurm runs: a submitit Checkpointable around the recipe.
+
+Preemption and time limits: Slurm sends USR2 `slurm.signal_delay_s` seconds before the end.
+submitit's own handler would call checkpoint() in the middle of an optimizer step; ftlib instead
+sets a flag, lets the Trainer finish the step and save a complete checkpoint, and only then hands
+over to submitit, which requeues the job (`scontrol requeue`) and exits. The requeued job resumes
+from that checkpoint with the same W&B run. A node failure or an `scontrol requeue` by an admin
+restarts the job the same way, from the last periodic checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import submitit
+
+from ..config import RunConfig
+from ..recipe import StopRequest, is_main_process, run_recipe
+from ..storage import RunDir, atomic_write_json, read_json
+
+
+class RequeueLimitExceeded(RuntimeError):
+    pass
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def restart_count() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def export_distributed_env() -> None:
+    """Rank, world size and rendezvous from the Slurm allocation (never hand-set variables)."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def __call__(self) -> dict[str, Any]:
+        cfg = self.cfg
+        run = RunDir(cfg.run_root)
+        export_distributed_env()
+        restarts = restart_count()
+        if restarts > cfg.slurm.max_requeues:
+            raise RequeueLimitExceeded(
+                f"run {cfg.name} was requeued {restarts} times, more than slurm.max_requeues="
+                f"{cfg.slurm.max_requeues}; its checkpoints are in {run.checkpoints}. Raise slurm.time or "
+                f"slurm.max_requeues and submit again: it resumes from the newest checkpoint")
+        if is_main_process():
+            state = read_json(run.state, default={}) or {}
+            atomic_write_json(run.state, dict(state, status="running", requeues=restarts,
+                                              job_id=os.environ.get("SLURM_JOB_ID"),
+                                              host=os.uname().nodename))
+        stop = StopRequest()
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: stop.set(f"signal {signal.Signals(signum).name}"))
+        _log(f"ftlib job: run {cfg.name} in {run.root}, Slurm job {os.environ.get('SLURM_JOB_ID')}, "
+             f"restart {restarts}")
+        result = run_recipe(cfg, stop=stop, log=_log)
+        if result.status == "interrupted":
+            _log(f"checkpoint saved at step {result.global_step}; handing over to submitit to requeue")
+            sys.stdout.flush()
+            if callable(submitit_handler):
+                submitit_handler(signal.SIGUSR2, None)   # checkpoint() + scontrol requeue + exit
+            raise RuntimeError("interrupted but submitit's requeue handler is not installed")
+        return {"status": result.status, "run_dir": str(result.run_dir), "global_step": result.global_step,
+                "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+                "wandb_run_id": result.wandb_run_id}
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # The Trainer checkpoint is already on disk (see module docstring); resubmit ourselves.
+        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
