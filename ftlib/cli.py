@@ -148,3 +148,17 @@ def status_main(argv: list[str] | None = None) -> int:
     rows = status.table(root)
     print(status.describe(rows) if args.json else (status.format_table(rows) if rows else f"no runs under {root}"))
     return 0
+
+
+@guarded
+def prefetch_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prefetch.py", description="Download a config's model and hub "
+                                     "datasets into the shared HF cache (run on a login node with internet).")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from .prefetch import prefetch
+    cfg = load_config(args.config, args.overrides)
+    prefetch(cfg)
+    print(f"done; jobs with storage.offline=true read from {cfg.storage.hf_cache}")
+    return 0

@@ -341,6 +341,9 @@ def _check_section(section: str, values: Any, hints: dict[str, Any], origins: di
         if key not in hints:
             raise ConfigError(f"{_where(origins, full, source)}: {full}: unknown key; "
                               f"{_suggest(key, list(hints))}")
+        if value is False and _check_value(False, hints[key]) and not _check_value("no", hints[key]):
+            # YAML reads a bare `no` as false: `eval_strategy: no` means the string "no".
+            values[key] = value = "no"
         problem = _check_value(value, hints[key])
         if problem:
             raise _bad_value(section, key, value, problem, origins, source)

@@ -26,7 +26,28 @@ def resolve_model_path(cfg: RunConfig) -> str:
     path = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not path.is_dir():
         raise ConfigError(f"{cfg.source}: model.name: local model directory not found: {name}")
-    return str(path) if path.is_dir() else name
+    if path.is_dir():
+        return str(path)
+    if cfg.storage.offline or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return cached_snapshot(cfg, name)
+    return name
+
+
+def hub_cache_dir(cfg: RunConfig) -> Path:
+    return hf_cache_dir(cfg) / "hub"
+
+
+def cached_snapshot(cfg: RunConfig, repo_id: str) -> str:
+    """The local snapshot of a hub model on a node without internet, or a clear error at once."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return snapshot_download(repo_id, revision=cfg.model.revision, cache_dir=hub_cache_dir(cfg),
+                                 local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise ConfigError(f"{cfg.source}: model.name: {repo_id} is not in the shared cache "
+                          f"{hub_cache_dir(cfg)} and this node is offline; on a login node run "
+                          f"`python jobs/prefetch.py {cfg.source}`") from None
 
 
 def torch_dtype(name: str | None):

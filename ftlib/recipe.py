@@ -218,12 +218,14 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
         log(f"run {run.root} is already complete (manifest.json present); nothing to do. "
             "Use another name=... or training.overwrite_output_dir=true to train again.")
         return RunResult(run.root, "already-complete")
+    if cfg.storage.offline:
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    model_path = model_mod.resolve_model_path(cfg)   # fails at once on an offline node with no copy
     if main:
         write_run_files(cfg, run)
     seed = int(cfg.training.get("seed", 42))
     set_seed(seed)
 
-    model_path = model_mod.resolve_model_path(cfg)
     tokenizer = model_mod.load_tokenizer(cfg, model_path)
     cache_root = Path(os.path.expanduser(cfg.data.cache_dir)) if cfg.data.cache_dir else \
         Path(os.path.expanduser(cfg.storage.root)).resolve() / ".cache" / "data"

@@ -74,6 +74,7 @@ BAD = [
     (["model.method=qlorra"], ["model.method", "qlora"]),
     (["data.chat_template=chatlm"], ["data.chat_template", "chatml"]),
     (["lora.bias=some"], ["lora.bias", "lora_only"]),
+    (["training.save_strategy=yes"], ["training.save_strategy", "steps"]),
     (["training.output_dir=/tmp/x"], ["training.output_dir", "run directory"]),
     (["training.hub_token=abc"], ["training.hub_token", "HF_TOKEN"]),
     (["training.fp16=true", "training.bf16=true"], ["training.fp16", "bf16"]),
@@ -137,3 +138,8 @@ def test_shipped_configs_validate():
     assert mistral.quantization["bnb_4bit_use_double_quant"] is True
     assert mistral.lora["r"] == 16 and mistral.lora["lora_alpha"] == 32
     assert mistral.training["optim"] == "paged_adamw_8bit" and mistral.training["bf16"] is True
+
+
+def test_yaml_no_is_the_string_no_for_strategy_fields(tmp_path):
+    cfg = load_config(child_of_tiny(tmp_path, "training:\n  eval_strategy: no\n  save_strategy: no\n"))
+    assert cfg.training["eval_strategy"] == "no" and cfg.training["save_strategy"] == "no"

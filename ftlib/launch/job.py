@@ -29,6 +29,13 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
+def slurm_job_id() -> str | None:
+    """The id sacct knows this job by: ARRAYID_TASK for array elements."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
@@ -56,7 +63,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if is_main_process():
             state = read_json(run.state, default={}) or {}
             atomic_write_json(run.state, dict(state, status="running", requeues=restarts,
-                                              job_id=os.environ.get("SLURM_JOB_ID"),
+                                              job_id=slurm_job_id(),
                                               host=os.uname().nodename))
         stop = StopRequest()
         submitit_handler = signal.getsignal(signal.SIGUSR2)

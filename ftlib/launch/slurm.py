@@ -6,6 +6,7 @@ task on the same base) becomes one Slurm array with one run directory per elemen
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, RunConfig, validate
-from ..storage import RunDir, atomic_write_json, atomic_write_text, read_json
+from ..storage import RunDir, atomic_write_json, read_json
 
 _TIME = re.compile(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$")
 
@@ -198,6 +199,26 @@ def executor_for(plan: JobPlan):
     return executor
 
 
+@contextlib.contextmanager
+def arrays_keep_python(python: str):
+    """submitit 1.5.4 submits an array through a fresh `SlurmExecutor(folder, max_num_timeout)`
+    that drops the `python` argument, so array elements would run outside the container. While
+    submitting, that name builds executors that keep ftlib's python command."""
+    import submitit.slurm.slurm as submitit_slurm
+    original = submitit_slurm.SlurmExecutor
+
+    class KeepPython(original):  # type: ignore[misc, valid-type]
+        def __init__(self, folder, max_num_timeout=3, max_pickle_size_gb=1.0, python_cmd=None):
+            super().__init__(folder, max_num_timeout=max_num_timeout, max_pickle_size_gb=max_pickle_size_gb,
+                             python=python_cmd or python)
+
+    submitit_slurm.SlurmExecutor = KeepPython
+    try:
+        yield
+    finally:
+        submitit_slurm.SlurmExecutor = original
+
+
 def submit_plan(plan: JobPlan) -> list:
     """Write each run's config.yaml and submit; returns submitit jobs (one per run)."""
     from .job import TrainJob
@@ -208,7 +229,7 @@ def submit_plan(plan: JobPlan) -> list:
         write_run_files(cfg, RunDir(cfg.run_root))
     executor = executor_for(plan)
     if plan.is_array:
-        with executor.batch():
+        with arrays_keep_python(plan.python), executor.batch():
             jobs = [executor.submit(TrainJob(cfg)) for cfg in plan.configs]
     else:
         jobs = [executor.submit(TrainJob(plan.configs[0]))]
@@ -234,7 +255,7 @@ def submit(cfg: RunConfig, *, wait: bool = False) -> int:
         if "wandb" in cfg_i.tracking.backends:
             print(f"  W&B:           project {cfg_i.tracking.project}, run id in {cfg_i.run_root}/wandb_run_id "
                   f"({cfg_i.tracking.mode})")
-        print(f"  follow:        python jobs/status.py --follow {cfg_i.name} storage.root={cfg_i.storage.root}")
+        print(f"  follow:        python jobs/status.py --root {cfg_i.run_root.parent} --follow {cfg_i.name}")
     sys.stdout.flush()
     if not wait:
         return 0

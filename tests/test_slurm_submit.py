@@ -1,0 +1,184 @@
+"""Real jobs through the local Slurm cluster (slurm/start-cluster.sh), submitted by ftlib."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env
+from ftlib.storage import RunDir, read_json, verify_manifest
+
+pytestmark = pytest.mark.slurm
+
+
+def _cluster_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s.strip("*~") in ("idle", "mixed", "allocated") for s in out.stdout.split())
+
+
+if not _cluster_up():
+    pytest.skip("no local Slurm cluster: run `bash slurm/start-cluster.sh` first", allow_module_level=True)
+
+
+def submit(hf_cache, root, *overrides, config=TINY_CONFIG, wait=True, timeout=600):
+    args = [sys.executable, "jobs/submit.py", str(config), f"storage.root={root}", f"storage.hf_cache={hf_cache}",
+            f"data.train={SAMPLE_DATA}", "slurm.time=00:15:00", *overrides]
+    if wait:
+        args.append("--wait")
+    return subprocess.run(args, cwd=REPO, env=subprocess_env(hf_cache), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
+                         text=True).stdout.split()
+    return out[0] if out else ""
+
+
+def wait_for(predicate, timeout=180, poll=0.2, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_submitted_job_completes_with_artifacts_and_shows_in_status(tmp_path, hf_cache):
+    root = tmp_path / "runs"
+    proc = submit(hf_cache, root, "training.max_steps=20")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submitted Slurm job" in proc.stdout and "log:" in proc.stdout and "W&B:" in proc.stdout
+    run = RunDir(root / "tiny")
+    state = read_json(run.state)
+    assert sacct_state(state["job_id"]) == "COMPLETED"
+    assert verify_manifest(run) == []
+    log = Path(state["log"]).read_text()
+    assert "step 20/20" in log and "export: manifest" in log
+    status = subprocess.run([sys.executable, "jobs/status.py", "--root", str(root)], cwd=REPO,
+                            capture_output=True, text=True)
+    row = [line for line in status.stdout.splitlines() if line.startswith("tiny ")][0]
+    assert "COMPLETED" in row and "20/20" in row and "complete" in row
+    prov = read_json(run.provenance)
+    assert prov["starts"][0]["slurm_job_id"] == state["job_id"]
+    assert "commit" in prov["git"]
+
+
+def _local_reference(tiny_config, tmp_path, overrides):
+    from ftlib.recipe import run_recipe
+    result = run_recipe(tiny_config(*overrides, root=tmp_path / "reference"), log=lambda _: None)
+    return load_file(RunDir(result.run_dir).adapter / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("how", ["usr2", "scontrol"])
+def test_requeue_mid_training_resumes_to_the_uninterrupted_adapter(how, tmp_path, hf_cache, tiny_config):
+    overrides = ("training.max_steps=300", "training.save_steps=25", "training.eval_strategy=no",
+                 "training.logging_steps=25")
+    root = tmp_path / "runs"
+    proc = submit(hf_cache, root, *overrides, wait=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = RunDir(root / "tiny")
+    job_id = read_json(run.state)["job_id"]
+    wait_for(lambda: (run.checkpoints / "checkpoint-25" / "ftlib_complete.json").exists(),
+             what="the first checkpoint")
+    if how == "usr2":   # preemption / time limit: Slurm's --signal=USR2 reaches the job
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    else:               # an admin's requeue or a node failure: the job is killed and restarted
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+    wait_for(lambda: run.manifest.exists() and sacct_state(job_id) == "COMPLETED", timeout=300,
+             what="the requeued job to complete")
+
+    log = Path(read_json(run.state)["log"]).read_text()
+    assert "resuming from" in log, log[-2000:]
+    if how == "usr2":
+        assert "stop requested (signal SIGUSR2)" in log
+    prov = read_json(run.provenance)
+    assert [s["slurm_restart_count"] for s in prov["starts"]] == [0, 1]
+    assert read_json(run.state)["step"] == 300
+
+    expected = _local_reference(tiny_config, tmp_path, overrides)
+    got = load_file(run.adapter / "adapter_model.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs from the uninterrupted run"
+    run_id = (run.root / "wandb_run_id").read_text().strip()
+    offline = list((run.root / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(run_id) for p in offline)
+
+
+def test_requeues_past_the_limit_fail_with_a_clear_message(tmp_path, hf_cache):
+    root = tmp_path / "runs"
+    proc = submit(hf_cache, root, "training.max_steps=100000", "slurm.max_requeues=0", wait=False)
+    assert proc.returncode == 0, proc.stderr
+    run = RunDir(root / "tiny")
+    job_id = read_json(run.state)["job_id"]
+    wait_for(lambda: (read_json(run.state) or {}).get("status") == "running", what="the job to run")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    wait_for(lambda: sacct_state(job_id) in ("FAILED", "COMPLETED"), timeout=180, what="the job to end")
+    log = Path(read_json(run.state)["log"]).read_text()
+    assert sacct_state(job_id) == "FAILED"
+    assert "more than slurm.max_requeues=0" in log
+
+
+def test_sweep_of_3_is_one_array_with_3_run_dirs(tmp_path, hf_cache):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"defaults: [{TINY_CONFIG}]\nname: sw\n"
+                      "sweep:\n  training.learning_rate: [1.0e-2, 5.0e-3, 2.0e-3]\n")
+    root = tmp_path / "runs"
+    proc = submit(hf_cache, root, "training.max_steps=10", "training.eval_strategy=no", config=config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_ids = {read_json(RunDir(root / f"sw-{i}").state)["job_id"] for i in range(3)}
+    assert len({j.split("_")[0] for j in job_ids}) == 1 and len(job_ids) == 3    # one array, 3 elements
+    rates = []
+    for i in range(3):
+        run = RunDir(root / f"sw-{i}")
+        assert verify_manifest(run) == []
+        rates.append(__import__("yaml").safe_load(run.config.read_text())["training"]["learning_rate"])
+    assert rates == [1e-2, 5e-3, 2e-3]
+    for job in job_ids:
+        assert sacct_state(job) == "COMPLETED"
+
+
+def test_cancel_shows_cancelled_and_writes_no_manifest(tmp_path, hf_cache):
+    root = tmp_path / "runs"
+    proc = submit(hf_cache, root, "training.max_steps=100000", wait=False)
+    assert proc.returncode == 0, proc.stderr
+    run = RunDir(root / "tiny")
+    wait_for(lambda: (read_json(run.state) or {}).get("status") == "running", what="the job to run")
+    cancel = subprocess.run([sys.executable, "jobs/status.py", "--root", str(root), "cancel", "tiny"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert cancel.returncode == 0 and "cancelled Slurm job" in cancel.stdout
+    job_id = read_json(run.state)["job_id"]
+    wait_for(lambda: sacct_state(job_id).startswith("CANCELLED"), what="CANCELLED in sacct")
+    status = subprocess.run([sys.executable, "jobs/status.py", "--root", str(root)], cwd=REPO,
+                            capture_output=True, text=True).stdout
+    assert "CANCELLED" in status
+    time.sleep(2)
+    assert not run.manifest.exists()
+
+
+def test_bad_config_exits_2_and_submits_nothing(tmp_path, hf_cache):
+    before = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hours"],
+                            capture_output=True, text=True).stdout.split()
+    proc = submit(hf_cache, tmp_path / "runs", "lora.rr=4")
+    assert proc.returncode == 2 and "lora.rr" in proc.stderr
+    after = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hours"],
+                           capture_output=True, text=True).stdout.split()
+    assert before == after
+    assert not (tmp_path / "runs").exists()
+
+
+def test_offline_node_fails_at_once_naming_the_missing_model_and_prefetch(tmp_path, hf_cache):
+    proc = submit(hf_cache, tmp_path / "runs", "model.name=some-org/not-in-cache", "storage.offline=true",
+                  "--local", wait=False)
+    assert proc.returncode == 2
+    assert "some-org/not-in-cache" in proc.stderr and "jobs/prefetch.py" in proc.stderr
