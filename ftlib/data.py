@@ -292,12 +292,19 @@ def _to_dataset(samples: Iterable[dict], packed: bool, max_length: int):
 def prepare_data(data: DataSection, tokenizer, *, seed: int, cache_root: Path, log=print) -> PreparedData:
     """Tokenized train/eval datasets, from the cache when the same data, tokenizer and settings
     were prepared before (by any run sharing the storage root)."""
+    from .storage import file_lock
+    key = cache_key(data, tokenizer, seed)
+    cache = Path(cache_root) / key
+    # Ranks of one job and tasks of an array prepare the same data: one builds, the others reuse.
+    with file_lock(Path(cache_root) / f".{key}.lock"):
+        return _prepare_locked(data, tokenizer, seed, cache, log)
+
+
+def _prepare_locked(data: DataSection, tokenizer, seed: int, cache: Path, log) -> PreparedData:
     import datasets
 
     from .storage import atomic_write_json, read_json, staging_dir
 
-    key = cache_key(data, tokenizer, seed)
-    cache = Path(cache_root) / key
     if (cache / "stats.json").exists():
         stats = read_json(cache / "stats.json")
         bad = [BadRow(**b) for b in stats.pop("bad_rows")]

@@ -187,7 +187,7 @@ def training_arguments(cfg: RunConfig, run: RunDir, report_to: list[str]):
     values.update(cfg.training)
     values.update(output_dir=str(run.checkpoints), report_to=report_to or "none", run_name=cfg.name,
                   disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
-                  include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available())
+                  include_num_input_tokens_seen=True, use_cpu=not torch.cuda.is_available())
     if values.get("gradient_checkpointing"):
         values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
     if cfg.distributed.strategy in ("ddp", "auto"):
@@ -243,6 +243,9 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
     if resume is not None:
         log(f"resuming from {resume} (step {checkpoint_step(resume)})")
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if args.world_size > 1 and main:
+        log(f"distributed: world size {args.world_size}, backend {args.ddp_backend or 'default'}, "
+            f"wrapper {type(trainer.model_wrapped).__name__}")
     result = RunResult(run.root, "completed", trainer.state.global_step, output.training_loss,
                        wandb_run_id=tracking.wandb_run_id, resumed_from=str(resume) if resume else None,
                        model=trainer.model)

@@ -7,14 +7,11 @@ CI and the README's first command use it; nothing needs the Hugging Face Hub.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import random
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from .storage import staging_dir
+from .storage import file_lock, staging_dir
 from .templates import CHATML
 
 BUILTIN_PREFIX = "builtin:"
@@ -113,24 +110,13 @@ def build_model(path: str | Path, model_type: str = "llama", hidden_size: int = 
     return path
 
 
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_builtin(name: str, cache_dir: str | Path) -> Path:
     """Directory of builtin model `name` under `cache_dir`, built once (array tasks share it)."""
     key = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else name
     if key not in BUILTIN_MODELS:
         raise KeyError(key)
     final = Path(cache_dir) / "ftlib-builtin" / key
-    with _lock(final.with_name(f".{key}.lock")):
+    with file_lock(final.with_name(f".{key}.lock")):
         if not (final / "config.json").exists():
             with staging_dir(final) as tmp:
                 build_model(tmp, **BUILTIN_MODELS[key])

@@ -162,9 +162,9 @@ def _python_command(cfg: RunConfig, params: dict[str, Any]) -> tuple[str, dict[s
     c = ContainerConfig(runtime=cfg.container.runtime, image=cfg.container.image,
                         binds=list(cfg.container.binds), env=list(cfg.container.env))
     try:
-        check_container(c)
         launch = build_launch(c, run_dir=cfg.run_root, storage_root=os.path.expanduser(cfg.storage.root),
                               hf_cache=os.path.expanduser(cfg.storage.hf_cache), gpus=cfg.slurm.gpus_per_node > 0)
+        check_container(c, launch)
     except ValueError as exc:
         raise ConfigError(f"{cfg.source}: {exc}") from None
     if launch.srun_args:
