@@ -82,20 +82,20 @@ def _local_reference(tiny_config, tmp_path, overrides):
 
 @pytest.mark.parametrize("how", ["usr2", "scontrol"])
 def test_requeue_mid_training_resumes_to_the_uninterrupted_adapter(how, tmp_path, hf_cache, tiny_config):
-    overrides = ("training.max_steps=300", "training.save_steps=25", "training.eval_strategy=no",
-                 "training.logging_steps=25")
+    overrides = ("training.max_steps=150", "training.save_steps=10", "training.eval_strategy=no",
+                 "training.logging_steps=10")
     root = tmp_path / "runs"
     proc = submit(hf_cache, root, *overrides, wait=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = RunDir(root / "tiny")
     job_id = read_json(run.state)["job_id"]
-    wait_for(lambda: (run.checkpoints / "checkpoint-25" / "ftlib_complete.json").exists(),
+    wait_for(lambda: (run.checkpoints / "checkpoint-10" / "ftlib_complete.json").exists(),
              what="the first checkpoint")
     if how == "usr2":   # preemption / time limit: Slurm's --signal=USR2 reaches the job
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     else:               # an admin's requeue or a node failure: the job is killed and restarted
         subprocess.run(["scontrol", "requeue", job_id], check=True)
-    wait_for(lambda: run.manifest.exists() and sacct_state(job_id) == "COMPLETED", timeout=300,
+    wait_for(lambda: run.manifest.exists() and sacct_state(job_id) == "COMPLETED", timeout=900,
              what="the requeued job to complete")
 
     log = Path(read_json(run.state)["log"]).read_text()
@@ -104,7 +104,7 @@ def test_requeue_mid_training_resumes_to_the_uninterrupted_adapter(how, tmp_path
         assert "stop requested (signal SIGUSR2)" in log
     prov = read_json(run.provenance)
     assert [s["slurm_restart_count"] for s in prov["starts"]] == [0, 1]
-    assert read_json(run.state)["step"] == 300
+    assert read_json(run.state)["step"] == 150
 
     expected = _local_reference(tiny_config, tmp_path, overrides)
     got = load_file(run.adapter / "adapter_model.safetensors")
