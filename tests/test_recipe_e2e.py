@@ -132,3 +132,34 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, hf_cache):
     assert "learning_rate: 0.0005" in proc.stdout
     assert f"run directory: {root / 'tiny'}" in proc.stdout
     assert not root.exists()
+
+
+def test_lora_with_8bit_optimizer_tensorboard_and_eval_file(tiny_config, tmp_path):
+    from ftlib.recipe import run_recipe
+    from ftlib.tiny import write_sample_dataset
+
+    eval_file = write_sample_dataset(tmp_path / "eval.jsonl", n=8)
+    cfg = tiny_config("model.method=lora", "quantization=null", "training.optim=adamw_bnb_8bit",
+                      "tracking.backends=[tensorboard]", f"data.eval={eval_file}", "data.validation_split=0",
+                      "training.max_steps=10", "training.eval_steps=5", "training.save_steps=5")
+    result = run_recipe(cfg, log=lambda _: None)
+    run = RunDir(result.run_dir)
+    assert result.status == "completed" and result.eval_loss is not None
+    optimizer_state = torch.load(run.checkpoints / "checkpoint-10" / "optimizer.pt", weights_only=False)
+    # bitsandbytes' optimizer ran (its state is in the checkpoint, a torch AdamW has exp_avg); it
+    # keeps tensors under min_8bit_size (4096) in 32-bit, which every tiny LoRA tensor is.
+    states = list(optimizer_state["state"].values())
+    assert states and all("__bnb_optimizer_quant_state__" in s and "exp_avg" not in s for s in states)
+    assert list(run.tensorboard.rglob("events.out.tfevents.*"))
+    assert verify_manifest(run) == []
+
+
+def test_full_fine_tuning_writes_the_model_itself(tiny_config):
+    from ftlib.recipe import run_recipe
+
+    cfg = tiny_config("model.method=full", "quantization=null", "lora=null", "training.max_steps=5",
+                      "training.eval_strategy=no", "tracking.backends=[none]", "training.learning_rate=1e-4")
+    result = run_recipe(cfg, log=lambda _: None)
+    run = RunDir(result.run_dir)
+    assert not run.adapter.exists() and (run.merged / "model.safetensors").exists()
+    assert verify_manifest(run) == []

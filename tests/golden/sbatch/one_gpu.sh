@@ -1,0 +1,24 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --account=proj42
+#SBATCH --cpus-per-task=8
+#SBATCH --gpus-per-node=1
+#SBATCH --job-name=mistral-7b-qlora
+#SBATCH --mem=64G
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
+#SBATCH --output=/shared/runs/mistral-7b-qlora/slurm/%j/%j_0_log.out
+#SBATCH --partition=gpu
+#SBATCH --requeue
+#SBATCH --signal=USR2@180
+#SBATCH --time=720
+#SBATCH --wckey=submitit
+
+# setup
+export HF_HOME=/shared/hf
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /shared/runs/mistral-7b-qlora/slurm/%j/%j_%t_log.out <PYTHON> -u -m submitit.core._submit /shared/runs/mistral-7b-qlora/slurm/%j

@@ -1,0 +1,21 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --array=0-2%2
+#SBATCH --cpus-per-task=1
+#SBATCH --job-name=tiny
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
+#SBATCH --output=/shared/runs/tiny.array/%A_%a/%A_%a_0_log.out
+#SBATCH --requeue
+#SBATCH --signal=USR2@120
+#SBATCH --time=20
+#SBATCH --wckey=submitit
+
+# setup
+export HF_HOME=/shared/hf
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /shared/runs/tiny.array/%A_%a/%A_%a_%t_log.out <PYTHON> -u -m submitit.core._submit /shared/runs/tiny.array/%j

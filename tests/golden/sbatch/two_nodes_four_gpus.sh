@@ -1,0 +1,28 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --constraint=a100-80g
+#SBATCH --cpus-per-task=8
+#SBATCH --exclusive
+#SBATCH --gpus-per-node=a100:4
+#SBATCH --job-name=mistral-7b-qlora
+#SBATCH --mail-type=END
+#SBATCH --mem=64G
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=4
+#SBATCH --open-mode=append
+#SBATCH --output=/shared/runs/mistral-7b-qlora/slurm/%j/%j_0_log.out
+#SBATCH --partition=gpu
+#SBATCH --requeue
+#SBATCH --signal=USR2@180
+#SBATCH --time=720
+#SBATCH --wckey=submitit
+
+# setup
+export HF_HOME=/shared/hf
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+module load cuda/12.4
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /shared/runs/mistral-7b-qlora/slurm/%j/%j_%t_log.out <PYTHON> -u -m submitit.core._submit /shared/runs/mistral-7b-qlora/slurm/%j
