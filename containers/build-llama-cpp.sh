@@ -13,6 +13,7 @@
 # Environment:
 #   LLAMA_CPP_PYTHON_VERSION  pinned llama-cpp-python version (default 0.3.36)
 #   LLAMA_CPP_SDIST           use this already downloaded sdist (.tar.gz) instead of pip download
+#   LLAMA_CPP_SDIST_SHA256    expected sha256 of the sdist (known for the default version)
 #   PYTHON                    python used for `pip download` (default python3)
 #   JOBS                      parallel compile jobs (default: nproc)
 #   KEEP_BUILD_DIR=1          keep the temporary build directory (printed at the end)
@@ -20,12 +21,19 @@
 set -euo pipefail
 
 if [[ $# -ne 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 2
 fi
 
 PREFIX=$1
-VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
+PINNED_VERSION=0.3.36
+PINNED_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+VERSION=${LLAMA_CPP_PYTHON_VERSION:-$PINNED_VERSION}
+if [[ "$VERSION" == "$PINNED_VERSION" ]]; then
+    SHA256=${LLAMA_CPP_SDIST_SHA256:-$PINNED_SHA256}
+else
+    SHA256=${LLAMA_CPP_SDIST_SHA256:-}
+fi
 PYTHON=${PYTHON:-python3}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
@@ -48,6 +56,10 @@ else
     "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
         "llama-cpp-python==$VERSION" -d "$WORK/dl"
     SDIST=$(ls "$WORK"/dl/llama_cpp_python-"$VERSION".tar.gz)
+fi
+if [[ -n "$SHA256" ]]; then
+    echo "$SHA256  $SDIST" | sha256sum --check --quiet - \
+        || { echo "build-llama-cpp.sh: $SDIST does not have sha256 $SHA256" >&2; exit 1; }
 fi
 echo "== extracting vendored llama.cpp from $(basename "$SDIST")"
 tar -xzf "$SDIST" -C "$WORK" --wildcards "llama_cpp_python-$VERSION/vendor/llama.cpp/*"

@@ -12,7 +12,8 @@ own converter does) and qwen2. The file follows llama.cpp's converter (convert_h
   qwen2's q/k/v biases, and llama3-style rope factors as `rope_freqs`;
 - the tokenizer as llama.cpp's `gpt2` model (byte-level BPE): tokens, token types, merges, the
   pre-tokenizer name (`tokenizer.ggml.pre`), bos/eos/pad/unk ids, add_bos/add_eos and the chat
-  template.
+  template. SentencePiece-style tokenizers (Mistral 7B v0.1-v0.3, Llama 2) are refused with a
+  one-line error; `check_gguf_support(base_model_dir)` finds that out before training.
 
 Types: f16, bf16 and q8_0 are written here with the `gguf` package (numpy). The K-quants q4_k_m,
 q5_k_m and q6_k need llama.cpp's quantizer: an f16 (bf16 for bf16 sources) GGUF is written first
@@ -97,7 +98,7 @@ def normalize_type(qtype: str) -> str:
     """`Q4_K_M` / ` q4_k_m ` -> `q4_k_m`; unknown types raise ValueError naming the valid ones."""
     name = str(qtype).strip().lower()
     if name not in GGUF_TYPES:
-        raise ValueError(f"unknown GGUF type {qtype!r} in export.gguf; valid types: {', '.join(GGUF_TYPES)}")
+        raise ValueError(f"unknown GGUF type {qtype!r}; valid types: {', '.join(GGUF_TYPES)}")
     return name
 
 
@@ -126,7 +127,7 @@ def check_gguf_types(types: str | Iterable[str]) -> None:
         where = (f"{QUANTIZE_ENV}={configured} is not an executable file" if configured
                  else f"no {QUANTIZE_BINARY} on PATH and {QUANTIZE_ENV} is not set")
         raise ValueError(
-            f"export.gguf type {', '.join(k_quants)} needs llama.cpp's {QUANTIZE_BINARY} ({where}): "
+            f"GGUF type {', '.join(k_quants)} needs llama.cpp's {QUANTIZE_BINARY} ({where}): "
             f"{_HOW_TO_GET_QUANTIZE}")
 
 
@@ -266,7 +267,8 @@ def _plan_tensors(model_dir: Path, config: dict[str, Any], qtype: str, arch) -> 
     import gguf
 
     family = config["model_type"]
-    n_head, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
     n_layers = config["num_hidden_layers"]
     name_map = gguf.get_tensor_name_map(arch, n_layers)
     source = _SafetensorsSource(model_dir)
@@ -344,15 +346,13 @@ def _pre_tokenizer_name(tokenizer, tokenizer_json: dict[str, Any]) -> str:
     raise ValueError(
         "GGUF export: unrecognized byte-level BPE pre-tokenizer (its llama.cpp check hash "
         f"{chkhsh} is not one of Llama 3, Qwen2, GPT-2, Mistral Nemo, SmolLM, and its pre_tokenizer "
-        "is neither GPT-2 ByteLevel nor a Llama 3 or Qwen2 split): llama.cpp would split text differently from training; convert this "
+        "is neither GPT-2 ByteLevel nor a Llama 3 or Qwen2 split): llama.cpp would split text "
+        "differently from training; convert this "
         "model with llama.cpp's convert_hf_to_gguf.py instead")
 
 
-def _tokenizer_metadata(model_dir: Path, vocab_size: int, chat_template: str | None) -> dict[str, Any]:
-    """Everything llama.cpp's `gpt2` tokenizer model needs, from the saved HF tokenizer."""
-    import gguf
-    from transformers import AutoTokenizer
-
+def _byte_level_tokenizer_json(model_dir: Path) -> dict[str, Any]:
+    """tokenizer.json of `model_dir`, if it is a byte-level BPE (llama.cpp's `gpt2` model)."""
     tokenizer_file = model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ValueError(f"GGUF export needs a fast tokenizer (tokenizer.json) in {model_dir}")
@@ -360,12 +360,36 @@ def _tokenizer_metadata(model_dir: Path, vocab_size: int, chat_template: str | N
     model = tokenizer_json.get("model") or {}
     pre = json.dumps(tokenizer_json.get("pre_tokenizer"))
     if model.get("type") != "BPE" or model.get("byte_fallback") or '"ByteLevel"' not in pre:
+        kind = f"{model.get('type')} tokenizer"
+        if model.get("byte_fallback"):
+            kind += " with byte fallback (SentencePiece style, e.g. Mistral 7B v0.1-v0.3, Llama 2)"
         raise ValueError(
-            f"GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, Mistral Nemo, ftlib's "
-            f"tiny models); {model_dir} has a {model.get('type')} tokenizer"
-            f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}: "
-            "convert it with llama.cpp's convert_hf_to_gguf.py")
+            f"GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, Mistral Nemo, ftlib's tiny "
+            f"models); {model_dir} has a {kind}: drop export.gguf and convert the merged model with "
+            "llama.cpp's convert_hf_to_gguf.py")
+    return tokenizer_json
 
+
+def check_gguf_support(model_dir: str | os.PathLike) -> None:
+    """Refuse, before training, a base model this module cannot export: a family other than
+    llama/mistral/qwen2, or a tokenizer that is not byte-level BPE with a pre-tokenizer llama.cpp
+    implements. Raises ValueError with one line. `model_dir`: a local HF model directory."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    _read_config(model_dir)
+    tokenizer_json = _byte_level_tokenizer_json(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    _pre_tokenizer_name(tokenizer, tokenizer_json)
+
+
+def _tokenizer_metadata(model_dir: Path, vocab_size: int, chat_template: str | None) -> dict[str, Any]:
+    """Everything llama.cpp's `gpt2` tokenizer model needs, from the saved HF tokenizer."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer_json = _byte_level_tokenizer_json(model_dir)
+    model = tokenizer_json.get("model") or {}
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     vocab = tokenizer.get_vocab()
     if vocab and max(vocab.values()) >= vocab_size:
@@ -505,7 +529,8 @@ def _write_gguf(model_dir: Path, path: Path, qtype: str, name: str | None,
     if add_bos is not None:
         tok["add_bos"] = bool(add_bos)
     plans = _plan_tensors(model_dir, config, qtype, arch)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[arch])
@@ -535,10 +560,23 @@ def _run_quantize(binary: str, src: Path, dst: Path, ktype: str, threads: int | 
     if result.returncode != 0:
         tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-5:])
         raise RuntimeError(f"{' '.join(command)} failed with exit status {result.returncode}: {tail}")
-    fallbacks = sorted(set(re.findall(r"using fallback quantization (\w+)", result.stdout + result.stderr)))
+    fallbacks = k_quant_fallbacks(dst)
     if fallbacks:
-        log.warning("llama-quantize %s: some tensors' rows are not multiples of 256 and were stored as %s "
-                    "instead of K-quant blocks", K_QUANT_TYPES[ktype], ", ".join(fallbacks))
+        log.warning("GGUF %s: %d of the matrices have rows that are not multiples of 256, so llama-quantize "
+                    "stored them as %s instead of K-quant blocks", ktype, len(fallbacks),
+                    ", ".join(sorted(set(fallbacks.values()))))
+
+
+def k_quant_fallbacks(path: str | os.PathLike) -> dict[str, str]:
+    """Matrices of a K-quant GGUF that llama-quantize did not store as K-quants (name -> type).
+
+    K-quant blocks are 256 wide; llama.cpp silently demotes rows of other widths (q4_K -> q5_0,
+    q6_K -> q8_0, ...), so a model with hidden size 64 gets no K-quant at all."""
+    from gguf import GGMLQuantizationType as T, GGUFReader
+
+    k_types = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_K}
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors
+            if len(t.shape) >= 2 and t.tensor_type not in k_types}
 
 
 def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "f16", *,
@@ -557,13 +595,13 @@ def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, qtyp
     Returns the final path. On any failure nothing is left at `out_path` or beside it."""
     qtype = normalize_type(qtype)
     merged_dir, final = Path(merged_dir), Path(out_path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-
     binary = None
     if qtype in K_QUANT_TYPES:
         binary = quantize_binary or find_llama_quantize()
         if binary is None:
             check_gguf_types([qtype])  # raises the one-line how-to
+    _read_config(merged_dir)  # refuse an unsupported model before creating anything
+    final.parent.mkdir(parents=True, exist_ok=True)
 
     temps: list[Path] = []
     try:

@@ -87,7 +87,8 @@ def resolve_template_name(chat_template: str | None) -> str:
         return chat_template  # type: ignore[return-value]
     name = template_name_of(chat_template)
     if name is None:
-        what = "no chat template" if not chat_template else "a chat template that is not one of ftlib's named templates"
+        what = ("no chat template" if not chat_template
+                else "a chat template that is not one of ftlib's named templates")
         raise ValueError(
             f"Ollama export: the model has {what}, and only the named templates "
             f"({', '.join(NAMED_TEMPLATES)}) can be translated to an Ollama TEMPLATE: set "

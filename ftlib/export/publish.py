@@ -55,7 +55,10 @@ def export_derived(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, *, fo
         for qtype in cfg.export.gguf:
             out = run.gguf / f"{cfg.name}-{qtype}.gguf"
             if force or not out.exists():
-                export_gguf(run.merged, out, qtype)
+                # Training tokenized rendered text without automatic special tokens (the chat
+                # template writes BOS itself), so llama.cpp must not add one either.
+                export_gguf(run.merged, out, qtype,
+                            add_bos=None if cfg.data.format == "completion" else False)
                 log(f"export: GGUF {qtype} -> {out}")
             files.append(str(out))
         made["gguf"] = files
