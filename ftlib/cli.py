@@ -32,6 +32,8 @@ def load_checked(config: str, overrides: list[str]) -> RunConfig:
     from .data import check_data_paths
     cfg = load_config(config, overrides)
     check_data_paths(cfg.data, cfg.source)
+    from .distributed import check_strategy
+    check_strategy(cfg)
     if cfg.export.gguf and cfg.container.runtime == "none":
         # Inside a container the image's own llama.cpp quantizer is used (containers/ftlib.def).
         try:

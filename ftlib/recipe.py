@@ -91,6 +91,12 @@ def reset_run(run: RunDir) -> None:
 
 
 # ---------------------------------------------------------------------------- callbacks
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def _any_rank(flag: bool) -> bool:
     """True when any process has the flag: ranks must stop at the same step or they deadlock."""
     import torch
@@ -111,6 +117,7 @@ def _make_callbacks(run: RunDir, stop: StopRequest | None, log):
         on_save, is what makes a checkpoint eligible for resume."""
 
         def on_save(self, args, state, control, **kwargs):
+            _barrier()  # every rank has written its part (ZeRO shards) before the marker
             if state.is_world_process_zero:
                 path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if path.is_dir():
@@ -233,6 +240,8 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
     if main:
         record_start(run, data_fingerprint=data_mod.cache_key(cfg.data, tokenizer, seed))
 
+    from .distributed import prepare as prepare_strategy
+    cfg = prepare_strategy(cfg, log=log if main else (lambda _: None))
     model = model_mod.build_training_model(cfg, model_path, local_rank=local_rank(), log=log)
     tracking = start_tracking(cfg, run, is_main=main, log=log)
     args = training_arguments(cfg, run, tracking.report_to)
@@ -243,9 +252,12 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
     if resume is not None:
         log(f"resuming from {resume} (step {checkpoint_step(resume)})")
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if args.world_size > 1 and main:
-        log(f"distributed: world size {args.world_size}, backend {args.ddp_backend or 'default'}, "
-            f"wrapper {type(trainer.model_wrapped).__name__}")
+    if args.world_size > 1:
+        from .distributed import write_rank_report
+        report = write_rank_report(trainer, run.root)
+        if main:
+            log(f"distributed: world size {report['world_size']}, backend {report['backend']}, "
+                f"wrapper {report['wrapper']}, ZeRO stage {report['zero_stage']}")
     result = RunResult(run.root, "completed", trainer.state.global_step, output.training_loss,
                        wandb_run_id=tracking.wandb_run_id, resumed_from=str(resume) if resume else None,
                        model=trainer.model)
@@ -260,8 +272,9 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
     if prepared.eval is not None:
         result.eval_loss = trainer.evaluate().get("eval_loss")
         log(f"eval loss {result.eval_loss:.4f}")
+    # Every rank takes part in saving (ZeRO-3 / FSDP gather the weights); only rank 0 writes.
+    result.artifacts = publish_artifacts(cfg, run, trainer, tokenizer, model_path, log=log)
     if main:
-        result.artifacts = publish_artifacts(cfg, run, trainer, tokenizer, model_path, log=log)
         state = read_json(run.state, default={}) or {}
         atomic_write_json(run.state, dict(state, status="completed", step=trainer.state.global_step,
                                           max_steps=trainer.state.max_steps, train_loss=result.train_loss,

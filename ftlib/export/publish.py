@@ -13,21 +13,20 @@ from ..config import RunConfig
 from ..storage import RunDir, staging_dir, write_manifest
 
 
-def save_adapter(trainer, tokenizer, run: RunDir) -> Path:
-    # Trainer.save_model gathers sharded (ZeRO-3 / FSDP) tensors before writing; a plain
-    # save_pretrained there would write zero-sized LoRA tensors (FIELD-NOTES).
-    with staging_dir(run.adapter) as tmp:
+def save_trained(trainer, tokenizer, final: Path) -> Path:
+    """Trainer.save_model into `final`, atomically, from every rank.
+
+    Trainer.save_model gathers sharded (ZeRO-3 / FSDP) tensors, a collective that all ranks must
+    join, then writes on rank 0 only; a plain save_pretrained would write zero-sized LoRA tensors
+    (FIELD-NOTES). Other ranks pass a path that is never written.
+    """
+    if not trainer.args.should_save:
+        trainer.save_model(str(final.parent / f".{final.name}.not-written-by-rank-{trainer.args.process_index}"))
+        return final
+    with staging_dir(final) as tmp:
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-    return run.adapter
-
-
-def save_full_model(trainer, tokenizer, run: RunDir) -> Path:
-    """method: full has no adapter: the trained model itself is the merged model."""
-    with staging_dir(run.merged) as tmp:
-        trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-    return run.merged
+    return final
 
 
 def save_merged(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, log=print) -> Path:
@@ -72,12 +71,15 @@ def export_derived(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, *, fo
 
 def publish_artifacts(cfg: RunConfig, run: RunDir, trainer, tokenizer, base_path: str,
                       log=print) -> dict[str, Any]:
+    """Called on every rank; everything after the collective save runs on rank 0 only."""
     made: dict[str, Any] = {}
-    if cfg.model.method == "full":
-        made["merged"] = str(save_full_model(trainer, tokenizer, run))
+    if cfg.model.method == "full":  # no adapter: the trained model itself is the merged model
+        made["merged"] = str(save_trained(trainer, tokenizer, run.merged))
     else:
-        made["adapter"] = str(save_adapter(trainer, tokenizer, run))
+        made["adapter"] = str(save_trained(trainer, tokenizer, run.adapter))
         log(f"export: adapter -> {run.adapter}")
+    if not trainer.args.should_save:
+        return made
     made.update(export_derived(cfg, run, base_path, tokenizer, log=log))
     write_manifest(run, {"model": cfg.model.name, "method": cfg.model.method})
     log(f"export: manifest -> {run.manifest}")

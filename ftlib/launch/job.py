@@ -71,6 +71,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         _log(f"ftlib job: run {cfg.name} in {run.root}, Slurm job {os.environ.get('SLURM_JOB_ID')}, "
              f"restart {restarts}")
         result = run_recipe(cfg, stop=stop, log=_log)
+        if result.status == "interrupted" and not is_main_process():
+            return {"status": "interrupted", "global_step": result.global_step}  # rank 0 requeues the job
         if result.status == "interrupted":
             _log(f"checkpoint saved at step {result.global_step}; handing over to submitit to requeue")
             sys.stdout.flush()
