@@ -70,7 +70,9 @@ def submit_main(argv: list[str] | None = None) -> int:
         return dry_run(cfg, local=args.local)
     if args.local:
         return run_local_mode(cfg)
+    from .launch.preflight_check import preflight
     from .launch.slurm import submit
+    preflight(cfg)   # refuses, before the queue, a run that cannot fit the GPU type asked for
     return submit(cfg, wait=args.wait)
 
 
@@ -78,13 +80,11 @@ def dry_run(cfg: RunConfig, *, local: bool = False) -> int:
     print("# resolved config")
     print(cfg.to_yaml())
     print(f"# run directory: {cfg.run_root}")
+    from .launch.preflight_check import preflight
+    print(preflight(cfg))
     if not local:
-        try:
-            from .launch.slurm import render_plan
-        except ImportError:
-            render_plan = None
-        if render_plan is not None:
-            print(render_plan(cfg))
+        from .launch.slurm import render_plan
+        print(render_plan(cfg))
     return 0
 
 
