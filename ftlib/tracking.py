@@ -6,6 +6,7 @@ The W&B run id is stored in the run directory the first time and passed back on 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from .config import RunConfig
 from .storage import RunDir, atomic_write_text
 
 RUN_ID_FILE = "wandb_run_id"
+INIT_ATTEMPTS = 24
+INIT_RETRY_S = 5
 
 
 @dataclass
@@ -55,10 +58,22 @@ def start_tracking(cfg: RunConfig, run: RunDir, *, is_main: bool, log=print) -> 
     os.environ["WANDB_DIR"] = str(run.root)
     # Trainer's WandbCallback would otherwise upload checkpoints as artifacts.
     os.environ.setdefault("WANDB_LOG_MODEL", "false")
-    wandb.init(id=run_id, resume="allow", project=cfg.tracking.project, entity=cfg.tracking.entity,
-               group=cfg.tracking.group, tags=cfg.tracking.tags or None, name=cfg.name,
-               dir=str(run.root), mode=cfg.tracking.mode, config=cfg.to_dict(),
-               settings=wandb.Settings(console="off", x_disable_stats=True))
+    kwargs = dict(id=run_id, resume="allow", project=cfg.tracking.project, entity=cfg.tracking.entity,
+                  group=cfg.tracking.group, tags=cfg.tracking.tags or None, name=cfg.name,
+                  dir=str(run.root), mode=cfg.tracking.mode, config=cfg.to_dict(),
+                  settings=wandb.Settings(console="off", x_disable_stats=True))
+    for attempt in range(INIT_ATTEMPTS):
+        try:
+            wandb.init(**kwargs)
+            break
+        except Exception as exc:  # wandb raises its own ServerResponseError here
+            # After a hard kill (scontrol requeue, node failure) the killed job's wandb-core can
+            # outlive it for a while and still hold the run id; it exits once it sees its parent gone.
+            if "in use" not in str(exc) or attempt == INIT_ATTEMPTS - 1:
+                raise
+            log(f"tracking: W&B run {run_id} is still held by the previous process; retrying in "
+                f"{INIT_RETRY_S} s")
+            time.sleep(INIT_RETRY_S)
     log(f"tracking: W&B run {run_id} ({cfg.tracking.mode}) in {run.wandb}")
     return Tracking(report_to=chosen, wandb_run_id=run_id,
                     wandb_dir=run.wandb if cfg.tracking.mode == "offline" else None)

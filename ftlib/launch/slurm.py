@@ -142,9 +142,6 @@ def make_plan(cfg: RunConfig) -> JobPlan:
     setup = [f"export HF_HOME={_quote(os.path.expanduser(cfg.storage.hf_cache))}"]
     if cfg.storage.offline:
         setup += ["export HF_HUB_OFFLINE=1", "export HF_DATASETS_OFFLINE=1"]
-    if len(configs) == 1 and s.nodes * params["ntasks_per_node"] > 1:
-        # Only the first node's hostname: the rendezvous for torch.distributed (see launch/job.py).
-        setup.append("export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)")
     params["setup"] = setup + list(s.setup)
 
     folder = configs[0].run_root / "slurm" if len(configs) == 1 else array_folder(cfg)
@@ -262,7 +259,7 @@ def submit(cfg: RunConfig, *, wait: bool = False) -> int:
     failed = 0
     for cfg_i, job in zip(plan.configs, jobs):
         try:
-            result = job.result()
+            result = job.results()[0]   # one result per task; rank 0's speaks for the run
             print(f"job {job.job_id} ({cfg_i.name}): {result.get('status')}")
         except Exception as exc:  # noqa: BLE001 - report every job, then the exit status
             failed += 1

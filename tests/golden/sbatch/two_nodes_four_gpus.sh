@@ -20,7 +20,6 @@
 
 # setup
 export HF_HOME=/shared/hf
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 module load cuda/12.4
 
 # command
