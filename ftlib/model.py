@@ -166,5 +166,11 @@ def merge_adapter(cfg: RunConfig, base_path: str, adapter_dir: Path, dtype=None)
     exports and Ollama serve.
     """
     from peft import PeftModel
+    try:  # after ZeRO-3 training, from_pretrained would partition the base across ranks (a
+        # collective the other ranks, done, never join): the merge runs on rank 0 alone.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
+    except ImportError:
+        pass
     base = load_base_model(cfg, base_path, quantized=False, dtype=dtype)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
