@@ -274,6 +274,11 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
         log(f"eval loss {result.eval_loss:.4f}")
     # Every rank takes part in saving (ZeRO-3 / FSDP gather the weights); only rank 0 writes.
     result.artifacts = publish_artifacts(cfg, run, trainer, tokenizer, model_path, log=log)
+    if main and cfg.export.report:
+        # Reloads the models from disk: a ZeRO-3 / FSDP model cannot run on one rank.
+        from .report import write_report
+        write_report(cfg, run.root, base_path=model_path, tokenizer=tokenizer, eval_dataset=prepared.eval,
+                     log=log)
     if main:
         state = read_json(run.state, default={}) or {}
         atomic_write_json(run.state, dict(state, status="completed", step=trainer.state.global_step,
