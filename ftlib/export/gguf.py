@@ -44,6 +44,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..storage import fsync_dir
+
 log = logging.getLogger(__name__)
 
 #: Types written with numpy (the `gguf` package).
@@ -502,15 +504,6 @@ def _add_metadata(writer, config: dict[str, Any], tok: dict[str, Any], name: str
         writer.add_chat_template(tok["chat_template"])
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _temp_path(final: Path, tag: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{tag}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
@@ -623,7 +616,7 @@ def export_gguf(merged_dir: str | os.PathLike, out_path: str | os.PathLike, qtyp
                 os.fsync(handle.fileno())
         os.replace(tmp, final)
         temps.remove(tmp)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return final
     finally:
         for leftover in temps:
