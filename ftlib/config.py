@@ -292,7 +292,7 @@ def _check_value(value: Any, tp: Any) -> str | None:
         return None if value in choices else f"one of {', '.join(map(str, choices))}"
     if origin in (list, tuple, typing.List):
         if not isinstance(value, (list, tuple)):
-            return f"a list"
+            return "a list"
         inner = typing.get_args(tp)
         if inner and inner[0] is not Ellipsis:
             for item in value:

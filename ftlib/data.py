@@ -289,6 +289,14 @@ def _to_dataset(samples: Iterable[dict], packed: bool, max_length: int):
     return datasets.Dataset.from_list(rows)
 
 
+def data_cache_root(data: DataSection, storage_root: str) -> Path:
+    """Where tokenized data is cached: data.cache_dir, else <storage.root>/.cache/data (shared by runs)."""
+    import os
+    if data.cache_dir:
+        return Path(os.path.expanduser(data.cache_dir))
+    return Path(os.path.expanduser(storage_root)).resolve() / ".cache" / "data"
+
+
 def prepare_data(data: DataSection, tokenizer, *, seed: int, cache_root: Path, log=print) -> PreparedData:
     """Tokenized train/eval datasets, from the cache when the same data, tokenizer and settings
     were prepared before (by any run sharing the storage root)."""

@@ -90,7 +90,6 @@ def prepare(cfg: RunConfig, log=print) -> RunConfig:
 
 def _trainable_checksum(model, stage: int) -> tuple[str, int]:
     """sha256 over the full trainable tensors (gathered under ZeRO-3) and their element count."""
-    import torch
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if stage == 3:
         import deepspeed

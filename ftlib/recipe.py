@@ -234,9 +234,8 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
     set_seed(seed)
 
     tokenizer = model_mod.load_tokenizer(cfg, model_path)
-    cache_root = Path(os.path.expanduser(cfg.data.cache_dir)) if cfg.data.cache_dir else \
-        Path(os.path.expanduser(cfg.storage.root)).resolve() / ".cache" / "data"
-    prepared = data_mod.prepare_data(cfg.data, tokenizer, seed=seed, cache_root=cache_root, log=log)
+    prepared = data_mod.prepare_data(cfg.data, tokenizer, seed=seed,
+                                     cache_root=data_mod.data_cache_root(cfg.data, cfg.storage.root), log=log)
     if main:
         record_start(run, data_fingerprint=data_mod.cache_key(cfg.data, tokenizer, seed))
 

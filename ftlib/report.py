@@ -38,18 +38,11 @@ def _quiet(_: str) -> None:
 
 
 # ---------------------------------------------------------------------------- held-out data
-def data_cache_root(cfg: RunConfig) -> Path:
-    """Where the recipe caches tokenized data (the same rule as recipe.run_recipe)."""
-    if cfg.data.cache_dir:
-        return Path(os.path.expanduser(cfg.data.cache_dir))
-    return Path(os.path.expanduser(cfg.storage.root)).resolve() / ".cache" / "data"
-
-
 def held_out_eval_dataset(cfg: RunConfig, tokenizer, log=_quiet):
     """The prepared eval split (from the data cache when training made it), or None."""
-    from .data import prepare_data
+    from .data import data_cache_root, prepare_data
     seed = int(cfg.training.get("seed", 42))
-    return prepare_data(cfg.data, tokenizer, seed=seed, cache_root=data_cache_root(cfg), log=log).eval
+    return prepare_data(cfg.data, tokenizer, seed=seed, cache_root=data_cache_root(cfg.data, cfg.storage.root), log=log).eval
 
 
 def held_out_samples(cfg: RunConfig, tokenizer) -> list[dict[str, Any]]:

@@ -104,7 +104,7 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(overrides, words, tmp_p
 
 def test_unknown_key_in_a_file_names_that_file(tmp_path, capsys):
     parent = write(tmp_path, "training:\n  max_stepz: 3\n", "parent.yaml")
-    child = child_of_tiny(tmp_path, f"defaults_extra: 1\n")
+    child = child_of_tiny(tmp_path, "defaults_extra: 1\n")
     code = submit_main([str(child), "--dry-run"])
     assert code == 2 and str(child) in capsys.readouterr().err
     nested = write(tmp_path, f"defaults: [{TINY_CONFIG}, parent.yaml]\n", "nested.yaml")

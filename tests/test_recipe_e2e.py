@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, SAMPLE_DATA, subprocess_env
+from conftest import REPO, subprocess_env
 from ftlib.storage import RunDir, verify_manifest
 
 

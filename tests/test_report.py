@@ -140,7 +140,6 @@ def test_export_adds_gguf_and_modelfile_and_keeps_them(tiny_run, hf_cache):
 
 
 def test_export_user_errors_exit_2(tiny_run, hf_cache, tmp_path, capsys):
-    import importlib.util
     import shutil
 
     cfg, run, _ = tiny_run

@@ -1,8 +1,6 @@
 """Real jobs through the local Slurm cluster (slurm/start-cluster.sh), submitted by ftlib."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 import sys
