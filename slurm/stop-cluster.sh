@@ -1,21 +1,50 @@
 #!/usr/bin/env bash
-# Stop the local cluster started by slurm/start-cluster.sh, by PID. Idempotent.
-set -u
+# Stop the one-node Slurm cluster started by slurm/start-cluster.sh: each daemon by the PID in its
+# pid file (slurmd, slurmctld, slurmdbd, MariaDB, munged, in that order), SIGTERM first and SIGKILL
+# after 30 s. Idempotent: daemons that are not running are skipped. Running job steps are left
+# alone; slurmd picks them up again when the cluster is started again. State is kept.
+set -uo pipefail
 STATE=${FTLIB_SLURM_DIR:-/var/tmp/ftlib-slurm}
+
+# alive NAME PID: PID is a live process called NAME (not a zombie, not a reused pid)
+alive() {
+  local stat
+  [ "$(cat "/proc/$2/comm" 2>/dev/null)" = "$1" ] || return 1
+  stat=$(cat "/proc/$2/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [[ "${stat%% *}" != [ZX] ]]
+}
+
+# stop NAME PIDFILE: stop the process named NAME whose pid is in PIDFILE, if it is still that process
 stop() {
-  local pidfile=$1
-  [ -f "$pidfile" ] || return 0
-  local pid; pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid"
-    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    kill -9 "$pid" 2>/dev/null || true
+  local name=$1 pidfile=$2 pid i
+  pid=$(cat "$pidfile" 2>/dev/null) || return 0
+  if [ -n "$pid" ] && alive "$name" "$pid"; then
+    kill -TERM "$pid" 2>/dev/null
+    for ((i = 0; i < 150; i++)); do
+      alive "$name" "$pid" || break
+      sleep 0.2
+    done
+    if alive "$name" "$pid"; then
+      echo "stop-cluster: $name (pid $pid) ignored SIGTERM for 30 s; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null
+    fi
+    echo "stop-cluster: stopped $name (pid $pid)" >&2
   fi
   rm -f "$pidfile"
 }
-stop "$STATE/slurmd.pid"
-stop "$STATE/slurmctld.pid"
-stop "$STATE/slurmdbd.pid"
-stop /run/mysqld/mysqld.pid
-stop /run/munge/munged.pid
-echo "slurm cluster stopped"
+
+if [ -e "$STATE/slurmctld.pid" ] || [ -e "$STATE/slurmd.pid" ] || [ -e "$STATE/slurmdbd.pid" ]; then
+  # Pid file places of the first version of start-cluster.sh.
+  stop slurmd "$STATE/slurmd.pid"
+  stop slurmctld "$STATE/slurmctld.pid"
+  stop slurmdbd "$STATE/slurmdbd.pid"
+  stop mariadbd /run/mysqld/mysqld.pid
+  stop munged /run/munge/munged.pid
+fi
+stop slurmd "$STATE/run/slurmd.pid"
+stop slurmctld "$STATE/run/slurmctld.pid"
+stop slurmdbd "$STATE/run/slurmdbd.pid"
+stop mariadbd "$STATE/mariadb/mariadbd.pid"
+stop munged "$STATE/munge/munged.pid"
+echo "slurm cluster stopped (state kept in $STATE)"
