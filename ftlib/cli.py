@@ -89,10 +89,8 @@ def dry_run(cfg: RunConfig, *, local: bool = False) -> int:
 
 
 def run_local_mode(cfg: RunConfig) -> int:
-    from .recipe import reset_run
-    from .storage import RunDir
-    if cfg.fresh_start:
-        reset_run(RunDir(cfg.run_root))
+    from .recipe import reset_once
+    cfg = reset_once(cfg)
     if cfg.distributed.nproc > 1:
         from .launch.multiproc import run_local_multiprocess
         return run_local_multiprocess(cfg)

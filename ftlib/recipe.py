@@ -11,7 +11,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,10 @@ class StopRequest:
         self.reason = ""
 
     def set(self, reason: str) -> None:
-        self.reason = reason
+        # The first reason stands: USR2 before the time limit, then the limit's SIGTERM, must still
+        # requeue.
+        if not self._event.is_set():
+            self.reason = reason
         self._event.set()
 
     def is_set(self) -> bool:
@@ -88,6 +91,18 @@ def reset_run(run: RunDir) -> None:
         shutil.rmtree(path, ignore_errors=True)
     for path in (run.manifest, run.state, run.root / "wandb_run_id"):
         path.unlink(missing_ok=True)
+
+
+def reset_once(cfg: RunConfig) -> RunConfig:
+    """Apply overwrite_output_dir now, in the launcher, and return the config for the workers.
+
+    The returned config has the flag cleared: a requeued Slurm job or a second torchrun rank runs
+    the same config again, and must resume from the new checkpoints, not wipe them a second time.
+    """
+    if not cfg.fresh_start:
+        return cfg
+    reset_run(RunDir(cfg.run_root))
+    return replace(cfg, fresh_start=False)
 
 
 # ---------------------------------------------------------------------------- callbacks
@@ -221,6 +236,10 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
     quiet_progress_bars()
     run = RunDir(cfg.run_root)
     main = is_main_process()
+    if cfg.fresh_start and main:
+        # Launchers reset once and hand workers and requeued jobs a config without the flag
+        # (see reset_once); a direct caller of run_recipe gets the reset here.
+        reset_run(run)
     if run.is_complete():
         log(f"run {run.root} is already complete (manifest.json present); nothing to do. "
             "Use another name=... or training.overwrite_output_dir=true to train again.")
@@ -246,7 +265,7 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
     args = training_arguments(cfg, run, tracking.report_to)
     trainer = Trainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                       data_collator=data_mod.Collator(tokenizer.pad_token_id),
-                      callbacks=_make_callbacks(run, stop, log) + list(callbacks or []))
+                      callbacks=_make_callbacks(run, stop, log) + tracking.callbacks + list(callbacks or []))
     resume = newest_complete_checkpoint(run)
     if resume is not None:
         log(f"resuming from {resume} (step {checkpoint_step(resume)})")
@@ -265,7 +284,7 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
         if main:
             state = read_json(run.state, default={}) or {}
             atomic_write_json(run.state, dict(state, status="interrupted", step=trainer.state.global_step))
-        finish_tracking(tracking)
+        finish_tracking(tracking, log=log)
         return result
 
     if prepared.eval is not None:
@@ -283,7 +302,7 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
         atomic_write_json(run.state, dict(state, status="completed", step=trainer.state.global_step,
                                           max_steps=trainer.state.max_steps, train_loss=result.train_loss,
                                           eval_loss=result.eval_loss))
-    finish_tracking(tracking)
+    finish_tracking(tracking, log=log)
     if tracking.sync_command() and main:
         log(f"W&B offline run; to upload it: {tracking.sync_command()}")
     return result

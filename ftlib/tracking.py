@@ -2,14 +2,19 @@
 
 The W&B run id is stored in the run directory the first time and passed back on every restart
 (requeue, preemption, a second local invocation), so one training run is one W&B run.
+
+W&B never stops a job: when Slurm ends a job it sends SIGTERM to every process of the job,
+wandb-core included, and the job still has a checkpoint to save after that. Metrics go through
+a guarded WandbCallback, and finishing the run tolerates a service that is gone.
 """
 from __future__ import annotations
 
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import RunConfig
 from .storage import RunDir, atomic_write_text
@@ -21,9 +26,10 @@ INIT_RETRY_S = 5
 
 @dataclass
 class Tracking:
-    report_to: list[str]            # what HF Trainer reports to
+    report_to: list[str]            # what HF Trainer reports to itself (W&B goes through callbacks)
     wandb_run_id: str | None = None
     wandb_dir: Path | None = None
+    callbacks: list[Any] = field(default_factory=list)   # Trainer callbacks (the guarded W&B one)
 
     def sync_command(self) -> str | None:
         if self.wandb_dir is None:
@@ -75,13 +81,48 @@ def start_tracking(cfg: RunConfig, run: RunDir, *, is_main: bool, log=print) -> 
                 f"{INIT_RETRY_S} s")
             time.sleep(INIT_RETRY_S)
     log(f"tracking: W&B run {run_id} ({cfg.tracking.mode}) in {run.wandb}")
-    return Tracking(report_to=chosen, wandb_run_id=run_id,
-                    wandb_dir=run.wandb if cfg.tracking.mode == "offline" else None)
+    return Tracking(report_to=[b for b in chosen if b != "wandb"], wandb_run_id=run_id,
+                    wandb_dir=run.wandb if cfg.tracking.mode == "offline" else None,
+                    callbacks=[guarded_wandb_callback(log)])
 
 
-def finish_tracking(tracking: Tracking) -> None:
+def guarded_wandb_callback(log=print):
+    """transformers' WandbCallback, with every event guarded: after the first failure (the W&B
+    service was killed) it says so once and stops sending; training and checkpointing go on."""
+    from transformers import TrainerCallback
+    from transformers.integrations import WandbCallback
+
+    class GuardedWandbCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.inner = WandbCallback()
+            self.broken = False
+
+    def guarded(event: str):
+        def call(self, args, state, control, **kwargs):
+            if self.broken:
+                return None
+            try:
+                return getattr(self.inner, event)(args, state, control, **kwargs)
+            except Exception as exc:  # wandb raises many kinds (ConnectionResetError, its own errors)
+                self.broken = True
+                log(f"tracking: W&B stopped at step {state.global_step} ({type(exc).__name__}: {exc}); "
+                    "training goes on without it")
+                return None
+        call.__name__ = event
+        return call
+
+    for event in (name for name in dir(TrainerCallback) if name.startswith("on_")):
+        setattr(GuardedWandbCallback, event, guarded(event))
+    return GuardedWandbCallback()
+
+
+def finish_tracking(tracking: Tracking, log=print) -> None:
     if tracking.wandb_run_id is None:
         return
     import wandb
-    if wandb.run is not None:
+    if wandb.run is None:
+        return
+    try:
         wandb.finish()
+    except Exception as exc:  # the service is gone (SIGTERM to the whole job): the files are on disk
+        log(f"tracking: W&B run {tracking.wandb_run_id} not finished cleanly ({type(exc).__name__}: {exc})")

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def test_requeue_mid_training_resumes_to_the_uninterrupted_adapter(how, tmp_path
              what="the first checkpoint")
     if how == "usr2":   # preemption / time limit: Slurm's --signal=USR2 reaches the job
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    else:               # an admin's requeue or a node failure: the job is killed and restarted
+    else:               # an admin's requeue or preemption: SIGTERM, then SIGKILL, then a restart
         subprocess.run(["scontrol", "requeue", job_id], check=True)
     wait_for(lambda: run.manifest.exists() and sacct_state(job_id) == "COMPLETED", timeout=900,
              what="the requeued job to complete")
@@ -100,6 +101,9 @@ def test_requeue_mid_training_resumes_to_the_uninterrupted_adapter(how, tmp_path
     assert "resuming from" in log, log[-2000:]
     if how == "usr2":
         assert "stop requested (signal SIGUSR2)" in log
+    else:   # Slurm's SIGTERM, KillWait before SIGKILL: a checkpoint at the step's end, no self-requeue
+        assert "stop requested (signal SIGTERM)" in log and "Slurm is ending the job (SIGTERM)" in log
+        assert "handing over to submitit" not in log
     prov = read_json(run.provenance)
     assert [s["slurm_restart_count"] for s in prov["starts"]] == [0, 1]
     assert read_json(run.state)["step"] == 150
@@ -125,6 +129,28 @@ def test_requeues_past_the_limit_fail_with_a_clear_message(tmp_path, hf_cache):
     log = Path(read_json(run.state)["log"]).read_text()
     assert sacct_state(job_id) == "FAILED"
     assert "more than slurm.max_requeues=0" in log
+
+
+def test_scancel_saves_a_checkpoint_and_stays_cancelled(tmp_path, hf_cache):
+    root = tmp_path / "runs"
+    proc = submit(hf_cache, root, "training.max_steps=100000", "training.save_steps=100000",
+                  "training.eval_strategy=no", wait=False)
+    assert proc.returncode == 0, proc.stderr
+    run = RunDir(root / "tiny")
+    job_id = read_json(run.state)["job_id"]
+    wait_for(lambda: (read_json(run.state) or {}).get("step", 0) >= 5, what="training to start")
+    subprocess.run(["scancel", job_id], check=True)
+    wait_for(lambda: sacct_state(job_id) == "CANCELLED", timeout=120, what="the job to be cancelled")
+    wait_for(lambda: (read_json(run.state) or {}).get("status") == "interrupted", timeout=60,
+             what="the job to record its checkpoint")
+    state = read_json(run.state)
+    step = state["step"]
+    assert 5 <= step < 100000
+    assert (run.checkpoints / f"checkpoint-{step}" / "ftlib_complete.json").exists()
+    time.sleep(5)   # a self-requeue (submitit's) would have brought the job back by now
+    assert sacct_state(job_id) == "CANCELLED"
+    assert len(read_json(run.provenance)["starts"]) == 1
+    assert "Slurm is ending the job (SIGTERM)" in Path(state["log"]).read_text()
 
 
 def test_sweep_of_3_is_one_array_with_3_run_dirs(tmp_path, hf_cache):
@@ -165,13 +191,16 @@ def test_cancel_shows_cancelled_and_writes_no_manifest(tmp_path, hf_cache):
 
 
 def test_bad_config_exits_2_and_submits_nothing(tmp_path, hf_cache):
-    before = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hours"],
-                            capture_output=True, text=True).stdout.split()
-    proc = submit(hf_cache, tmp_path / "runs", "lora.rr=4")
+    # A unique job name: other tests' jobs may reach sacct at any moment, this one must never.
+    name = f"badcfg-{uuid.uuid4().hex[:8]}"
+    proc = submit(hf_cache, tmp_path / "runs", f"name={name}", "lora.rr=4")
     assert proc.returncode == 2 and "lora.rr" in proc.stderr
-    after = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hours"],
-                           capture_output=True, text=True).stdout.split()
-    assert before == after
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    time.sleep(2)   # what slurmctld accepted reaches slurmdbd within its commit interval
+    names = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName", "-S", "now-1hours"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    queued = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True, check=True).stdout.split()
+    assert name not in names and name not in queued
     assert not (tmp_path / "runs").exists()
 
 

@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from hashlib import sha256
@@ -106,12 +107,15 @@ def normalize_type(qtype: str) -> str:
 
 def find_llama_quantize() -> str | None:
     """Path of llama.cpp's `llama-quantize`: $FTLIB_LLAMA_QUANTIZE if set (a path or a command
-    name), else `llama-quantize` on PATH; None when neither is an executable."""
+    name), else `llama-quantize` on PATH, else beside the running python (installed into the
+    virtual environment: `containers/build-llama-cpp.sh .venv`); None when none is an executable."""
     configured = os.environ.get(QUANTIZE_ENV, "").strip()
     if configured:
         found = shutil.which(configured)
         return str(Path(found).resolve()) if found else None
-    found = shutil.which(QUANTIZE_BINARY)
+    # The venv's bin directory is not on PATH when ftlib runs as .venv/bin/python (no activate);
+    # sys.executable is not resolved: a venv's python is a symlink out of the venv.
+    found = shutil.which(QUANTIZE_BINARY) or shutil.which(QUANTIZE_BINARY, path=str(Path(sys.executable).parent))
     return str(Path(found).resolve()) if found else None
 
 

@@ -4,8 +4,13 @@ Preemption and time limits: Slurm sends USR2 `slurm.signal_delay_s` seconds befo
 submitit's own handler would call checkpoint() in the middle of an optimizer step; ftlib instead
 sets a flag, lets the Trainer finish the step and save a complete checkpoint, and only then hands
 over to submitit, which requeues the job (`scontrol requeue`) and exits. The requeued job resumes
-from that checkpoint with the same W&B run. A node failure or an `scontrol requeue` by an admin
-restarts the job the same way, from the last periodic checkpoint.
+from that checkpoint with the same W&B run.
+
+SIGTERM is what Slurm sends on `scontrol requeue`, on preemption without --signal, and on scancel,
+KillWait seconds (30 by default) before SIGKILL. submitit ignores it; ftlib saves a checkpoint at
+the end of the step and exits without requeuing: Slurm itself requeues the job when that is what it
+is doing, and a cancelled job stays cancelled. A node failure restarts from the last periodic
+checkpoint.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ import submitit
 from ..config import RunConfig
 from ..recipe import StopRequest, is_main_process, run_recipe
 from ..storage import RunDir, atomic_write_json, read_json
+
+
+SIGTERM_REASON = "signal SIGTERM"
 
 
 class RequeueLimitExceeded(RuntimeError):
@@ -67,12 +75,17 @@ class TrainJob(submitit.helpers.Checkpointable):
                                               host=os.uname().nodename))
         stop = StopRequest()
         submitit_handler = signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, lambda signum, frame: stop.set(f"signal {signal.Signals(signum).name}"))
+        signal.signal(signal.SIGUSR2, lambda signum, frame: stop.set("signal SIGUSR2"))
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set(SIGTERM_REASON))
         _log(f"ftlib job: run {cfg.name} in {run.root}, Slurm job {os.environ.get('SLURM_JOB_ID')}, "
              f"restart {restarts}")
         result = run_recipe(cfg, stop=stop, log=_log)
         if result.status == "interrupted" and not is_main_process():
             return {"status": "interrupted", "global_step": result.global_step}  # rank 0 requeues the job
+        if result.status == "interrupted" and stop.reason == SIGTERM_REASON:
+            _log(f"checkpoint saved at step {result.global_step}; Slurm is ending the job (SIGTERM): "
+                 "a requeue resumes from this checkpoint")
+            return {"status": "interrupted", "global_step": result.global_step}
         if result.status == "interrupted":
             _log(f"checkpoint saved at step {result.global_step}; handing over to submitit to requeue")
             sys.stdout.flush()

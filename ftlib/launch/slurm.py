@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,9 @@ def make_plan(cfg: RunConfig) -> JobPlan:
     additional = {"requeue": True}   # preemption requeues instead of cancelling
     additional.update(_extra_sbatch(s.extra_sbatch))
     params["additional_parameters"] = additional
-    setup = [f"export HF_HOME={_quote(os.path.expanduser(cfg.storage.hf_cache))}"]
+    # WANDB_SERVICE points at the wandb-core of whatever process ran sbatch (a notebook, a test):
+    # inherited by the job, it makes the job talk to that process, and a requeue finds it gone.
+    setup = ["unset WANDB_SERVICE", f"export HF_HOME={_quote(os.path.expanduser(cfg.storage.hf_cache))}"]
     if cfg.storage.offline:
         setup += ["export HF_HUB_OFFLINE=1", "export HF_DATASETS_OFFLINE=1"]
     params["setup"] = setup + list(s.setup)
@@ -219,10 +221,9 @@ def arrays_keep_python(python: str):
 def submit_plan(plan: JobPlan) -> list:
     """Write each run's config.yaml and submit; returns submitit jobs (one per run)."""
     from .job import TrainJob
-    from ..recipe import reset_run, write_run_files
+    from ..recipe import reset_once, write_run_files
+    plan = replace(plan, configs=[reset_once(cfg) for cfg in plan.configs])
     for cfg in plan.configs:
-        if cfg.fresh_start:
-            reset_run(RunDir(cfg.run_root))
         write_run_files(cfg, RunDir(cfg.run_root))
     executor = executor_for(plan)
     if plan.is_array:

@@ -17,6 +17,7 @@
 #SBATCH --wckey=submitit
 
 # setup
+unset WANDB_SERVICE
 export HF_HOME=/shared/hf
 
 # command

@@ -14,6 +14,7 @@
 #SBATCH --wckey=submitit
 
 # setup
+unset WANDB_SERVICE
 export HF_HOME=/shared/hf
 
 # command

@@ -19,6 +19,7 @@
 #SBATCH --wckey=submitit
 
 # setup
+unset WANDB_SERVICE
 export HF_HOME=/shared/hf
 module load cuda/12.4
 
