@@ -81,7 +81,7 @@ def dry_run(cfg: RunConfig, *, local: bool = False) -> int:
     print(cfg.to_yaml())
     print(f"# run directory: {cfg.run_root}")
     from .launch.preflight_check import preflight
-    print(preflight(cfg))
+    print(preflight(cfg, with_data=True))
     if not local:
         from .launch.slurm import render_plan
         print(render_plan(cfg))

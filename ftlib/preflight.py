@@ -955,19 +955,6 @@ def _padding_fraction(lengths: Sequence[int], micro_batch: int) -> float:
     return 1 - real / padded if padded else 0.0
 
 
-def _pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[int]:
-    """Greedy bin packing: longest first, each into the first row with room. Returns row fills."""
-    rows: list[int] = []
-    for n in sorted(lengths, reverse=True):
-        for k, used in enumerate(rows):
-            if used + n <= capacity:
-                rows[k] = used + n
-                break
-        else:
-            rows.append(n)
-    return rows
-
-
 def data_statistics(lengths: Sequence[int], max_length: int, micro_batch: int) -> dict[str, Any]:
     """Token-length statistics and the padding each batching strategy wastes.
 
@@ -977,8 +964,8 @@ def data_statistics(lengths: Sequence[int], max_length: int, micro_batch: int) -
       padding_dynamic_unsorted: batches of micro_batch in the given order, each padded to its
         longest sample (DataCollatorWithPadding);
       padding_dynamic_sorted: the same after sorting by length (group_by_length's best case);
-      padding_packed: samples packed first-fit-decreasing into rows of max_length, each row
-        padded to max_length (no sample split across rows)."""
+      padding_packed: samples packed as ftlib packs them (data.pack_plan, best-fit decreasing)
+        into rows of max_length, each row padded to max_length (no sample split across rows)."""
     if not lengths:
         raise PreflightError("data_statistics needs at least one length")
     if max_length < 1 or micro_batch < 1:
@@ -988,7 +975,8 @@ def data_statistics(lengths: Sequence[int], max_length: int, micro_batch: int) -
     cut = [min(n, max_length) for n in raw]
     real = sum(cut)
     n = len(raw)
-    rows = _pack_first_fit_decreasing(cut, max_length)
+    from .data import pack_plan
+    rows = pack_plan(cut, max_length)
     truncated = [x for x in raw if x > max_length]
     return {
         "n_samples": n,

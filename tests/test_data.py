@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ftlib.config import DataSection
-from ftlib.data import IGNORE_INDEX, Collator, DataError, pack, prepare_data, tokenize_sample, to_sample
+from ftlib.data import IGNORE_INDEX, Collator, DataError, pack, pack_plan, prepare_data, tokenize_sample, to_sample
 from ftlib.templates import CHATML
 
 
@@ -104,10 +104,24 @@ def test_packing_has_no_attention_across_samples(tiny_dir, tokenizer):
 
 
 def test_packing_respects_max_length(tokenizer):
-    samples = [{"input_ids": [1] * n, "labels": [1] * n} for n in (5, 6, 7, 3, 9)]
+    samples = [{"input_ids": [k] * n, "labels": [k] * n} for k, n in enumerate((5, 6, 7, 3, 9))]
     rows = pack(samples, max_length=12)
-    assert [len(r["input_ids"]) for r in rows] == [11, 10, 9]
-    assert rows[0]["position_ids"] == list(range(5)) + list(range(6))
+    # Best fit, longest first: 9 | 7 | 6, then 5 joins 7 (room 5), 3 joins 9 (room 3).
+    # Rows hold their samples in data order and come in the order of their first sample.
+    assert [sorted(set(r["input_ids"]), key=r["input_ids"].index) for r in rows] == [[0, 2], [1], [3, 4]]
+    assert [len(r["input_ids"]) for r in rows] == [12, 6, 12]
+    assert rows[0]["position_ids"] == list(range(5)) + list(range(7))
+    assert rows[0]["labels"] == [IGNORE_INDEX] + [0] * 4 + [IGNORE_INDEX] + [2] * 6
+
+
+def test_packing_fills_rows_better_than_data_order():
+    # In data order: [7] [6 5] [6] = 3 rows; best fit decreasing: [7 5] [6 6] = 2 rows.
+    assert pack_plan([7, 6, 5, 6], 12) == [[0, 2], [1, 3]]
+    lengths = [(i * 7919) % 500 + 1 for i in range(2000)]
+    plan = pack_plan(lengths, 512)
+    assert sorted(i for row in plan for i in row) == list(range(2000))       # each sample once
+    assert all(sum(lengths[i] for i in row) <= 512 for row in plan)
+    assert len(plan) < 1.02 * sum(lengths) / 512                             # rows ~full
 
 
 def _write_jsonl(path, lines: list[bytes]):

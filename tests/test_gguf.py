@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -414,8 +415,20 @@ def no_quantizer(tmp_path, monkeypatch):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(sys, "executable", str(empty / "python"))
     monkeypatch.delenv("FTLIB_LLAMA_QUANTIZE", raising=False)
     assert ggufexp.find_llama_quantize() is None
+
+
+def test_quantizer_is_found_beside_the_running_python(no_quantizer, tmp_path, monkeypatch):
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    assert ggufexp.find_llama_quantize() is None
+    binary = venv_bin / "llama-quantize"
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    assert ggufexp.find_llama_quantize() == str(binary.resolve())
 
 
 def test_check_gguf_types_refuses_k_quant_without_quantizer(no_quantizer):

@@ -224,7 +224,7 @@ def test_data_statistics_exact():
     assert d["padding_dynamic_unsorted"] == pytest.approx(1 - 35 / 48)
     # Sorted: (1,3)->6, (5,7)->14, (9,10)->20 = 40 slots.
     assert d["padding_dynamic_sorted"] == pytest.approx(1 - 35 / 40)
-    # First-fit decreasing into rows of 10: [10] [9,1] [7,3] [5] -> 4 rows, 40 slots.
+    # Best-fit decreasing (ftlib.data.pack_plan) into rows of 10: [10] [9,1] [7,3] [5] -> 4 rows, 40 slots.
     assert d["packed_rows"] == 4
     assert d["padding_packed"] == pytest.approx(1 - 35 / 40)
     assert (d["micro_batches_unpacked"], d["micro_batches_packed"]) == (3, 2)

@@ -26,7 +26,29 @@ def test_dry_run_prints_memory_estimate_and_advice(tmp_path, capsys):
     assert code == 0
     assert "trainable 41,943,040" in out and "fits a100-40g" in out
     assert "qlora" in out and "does not fit" in out      # the method table: full does not fit 40 GB
+    assert "data: statistics skipped, the tokenizer of" in out   # config.json only: no tokenizer
     assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_prints_the_training_data_statistics(tmp_path, capsys, tiny_config, hf_cache):
+    from ftlib.data import read_rows, to_sample, tokenize_sample
+    from ftlib.model import load_tokenizer, resolve_model_path
+    cfg = tiny_config("data.max_length=34")
+    tokenizer = load_tokenizer(cfg, resolve_model_path(cfg))
+    rows, _ = read_rows(str(SAMPLE_DATA), cfg.data)
+    lengths = [tokenize_sample(tokenizer, to_sample(r, cfg.data), cfg.data)["full_length"] for _, r in rows]
+    too_long = [n for n in lengths if n > 34]
+    assert 0 < len(too_long) < len(lengths)                  # the cut-off splits this data
+
+    root = tmp_path / "dry"
+    code = submit_main([str(REPO / "configs" / "tiny.yaml"), "--dry-run", "data.max_length=34",
+                        f"data.train={SAMPLE_DATA}", f"storage.root={root}", f"storage.hf_cache={hf_cache}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"data: {len(lengths)} samples" in out and f"max {max(lengths)}" in out
+    assert f"truncated: {len(too_long)} samples" in out
+    assert f"{sum(n - 34 for n in too_long):,} tokens lost" in out
+    assert not root.exists()
 
 
 def test_submission_that_cannot_fit_is_refused_with_the_fix(tmp_path, capsys):

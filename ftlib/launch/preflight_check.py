@@ -8,6 +8,8 @@ from typing import Any
 from ..config import ConfigError, RunConfig
 from ..distributed import deepspeed_config, zero_stage
 
+DATA_SAMPLE_ROWS = 5000   # --dry-run tokenizes at most this many rows: seconds, not minutes
+
 
 def model_config(cfg: RunConfig) -> Any | None:
     """The model's HF config (config.json only: small, cached), or None when it cannot be read."""
@@ -41,9 +43,50 @@ def estimate(cfg: RunConfig, model_cfg: Any):
         attn_implementation=cfg.model.attn_implementation or "sdpa")
 
 
-def preflight(cfg: RunConfig) -> str:
-    """The report; raises ConfigError (exit 2) when the run cannot fit the requested GPU type."""
-    from ..preflight import PreflightError, check_fits, format_report, method_advice
+def training_lengths(cfg: RunConfig, max_rows: int = DATA_SAMPLE_ROWS) -> tuple[list[int], int]:
+    """Token lengths (before truncation) of the first max_rows usable rows of data.train, rendered
+    and tokenized exactly as training does, and the number of rows in the file. Writes nothing."""
+    from ..data import read_rows, to_sample, tokenize_sample
+    from ..model import load_tokenizer, resolve_model_path
+    tokenizer = load_tokenizer(cfg, resolve_model_path(cfg))
+    rows, _ = read_rows(cfg.data.train, cfg.data)
+    lengths = []
+    for _, record in rows:
+        if len(lengths) == max_rows:
+            break
+        try:
+            lengths.append(tokenize_sample(tokenizer, to_sample(record, cfg.data), cfg.data)["full_length"])
+        except ValueError:   # a bad row: the job reports it by number
+            continue
+    return lengths, len(rows)
+
+
+def data_statistics(cfg: RunConfig) -> tuple[dict | None, str]:
+    """(statistics, a note) for the report; None with the reason when they cannot be had here."""
+    from ..data import is_local_file
+    from ..preflight import data_statistics as statistics
+    if not is_local_file(cfg.data.train):
+        return None, f"data: {cfg.data.train} is a hub dataset: not read here; the job logs its samples, truncations and rows"
+    try:
+        lengths, total = training_lengths(cfg)
+    except (OSError, ValueError) as exc:   # no tokenizer files here (a config-only model dir, offline)
+        return None, f"data: statistics skipped, the tokenizer of {cfg.model.name} is not loadable here ({exc})"[:300]
+    if not lengths:
+        return None, f"data: no usable rows in {cfg.data.train}"
+    note = (f"data: statistics of the first {len(lengths):,} of {total:,} rows" if total > len(lengths)
+            else f"data: {cfg.data.train}")
+    note += f" (packing {'on' if cfg.data.packing else 'off'}: {'packed' if cfg.data.packing else 'dynamic'} " \
+            "padding applies)"
+    micro_batch = int(cfg.training.get("per_device_train_batch_size", 8))
+    return statistics(lengths, cfg.data.max_length, micro_batch), note
+
+
+def preflight(cfg: RunConfig, *, with_data: bool = False) -> str:
+    """The report; raises ConfigError (exit 2) when the run cannot fit the requested GPU type.
+
+    with_data (--dry-run) adds the training data's length statistics: tokenizing is quick, but it
+    is the user's data, so it is read only when asked."""
+    from ..preflight import PreflightError, check_fits, estimate_step_time, format_report, method_advice
     model_cfg = model_config(cfg)
     if model_cfg is None:
         return (f"# preflight: skipped, the config of {cfg.model.name} is not readable here "
@@ -51,10 +94,18 @@ def preflight(cfg: RunConfig) -> str:
     est = estimate(cfg, model_cfg)
     gpu = cfg.slurm.gpu_type if cfg.slurm.gpus_per_node > 0 else None
     advice = method_advice(model_cfg, gpu, cfg.data.max_length) if gpu else None
-    report = format_report(est, gpu, advice=advice)
+    step_time = None
+    if gpu:
+        step_time = estimate_step_time(
+            model_cfg, gpu=gpu, micro_batch=est.micro_batch, seq_len=est.seq_len, method=cfg.model.method,
+            gradient_accumulation_steps=int(cfg.training.get("gradient_accumulation_steps", 1)),
+            world_size=est.world_size, gradient_checkpointing=est.gradient_checkpointing,
+            lora_r=int(cfg.lora.get("r", 8)), lora_target_modules=cfg.lora.get("target_modules") or "all-linear")
+    stats, note = data_statistics(cfg) if with_data else (None, "")
+    report = format_report(est, gpu, advice=advice, data_stats=stats, step_time=step_time)
     if gpu:
         try:
             check_fits(est, gpu)
         except PreflightError as exc:
             raise ConfigError(f"{cfg.source}: preflight: {exc}") from None
-    return "# preflight\n" + report
+    return "# preflight\n" + report + (f"\n  {note}" if note else "")
