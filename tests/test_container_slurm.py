@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,33 @@ def test_tiny_job_runs_in_charliecloud_via_slurm_and_leaks_no_secret(image, tmp_
             content = path.read_bytes()
             assert SECRET_KEY.encode() not in content, path
             assert SECRET_TOKEN.encode() not in content, path
+
+
+@pytest.mark.skipif(not _cluster_up(), reason="no local Slurm cluster: run `bash slurm/start-cluster.sh`")
+def test_preempted_job_in_charliecloud_is_requeued_by_the_batch_script(image, tmp_path, hf_cache):
+    """USR2 inside the container: checkpoint, marker, exit; the host-side batch script requeues."""
+    root = tmp_path / "runs"
+    host_binds = [line.strip() for line in (image / "ch" / "host-binds").read_text().splitlines() if line.strip()]
+    binds = "[" + ",".join(host_binds + [str(SAMPLE_DATA.parent), str(REPO)]) + "]"
+    proc = subprocess.run(
+        [sys.executable, "jobs/submit.py", str(TINY_CONFIG), f"storage.root={root}", f"storage.hf_cache={hf_cache}",
+         f"data.train={SAMPLE_DATA}", "training.max_steps=300", "training.save_steps=10",
+         "training.eval_strategy=no", "export.merged=false", "container.runtime=charliecloud",
+         f"container.image={image}", f"container.binds={binds}", "slurm.time=00:10:00"],
+        cwd=REPO, env=subprocess_env(hf_cache, USER="root"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run = RunDir(root / "tiny")
+    job_id = read_json(run.state)["job_id"]
+    deadline = time.time() + 300
+    while not (run.checkpoints / "checkpoint-10" / "ftlib_complete.json").exists():
+        assert time.time() < deadline, "no first checkpoint"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    while not run.manifest.exists():
+        assert time.time() < deadline, "the requeued job did not finish"
+        time.sleep(1)
+    log = Path(read_json(run.state)["log"]).read_text()
+    assert "the batch script requeues the job" in log and f"ftlib: requeueing job {job_id}, as the job asked" in log
+    assert "resuming from" in log
+    assert [s["slurm_restart_count"] for s in read_json(run.provenance)["starts"]] == [0, 1]
+    assert read_json(run.state)["step"] == 300

@@ -99,11 +99,13 @@ def test_requeue_mid_training_resumes_to_the_uninterrupted_adapter(how, tmp_path
 
     log = Path(read_json(run.state)["log"]).read_text()
     assert "resuming from" in log, log[-2000:]
-    if how == "usr2":
-        assert "stop requested (signal SIGUSR2)" in log
+    if how == "usr2":   # the job leaves a marker and exits; the batch script (host side) requeues it
+        assert "stop requested (signal SIGUSR2)" in log and "the batch script requeues the job" in log
+        assert f"ftlib: requeueing job {job_id}, as the job asked" in log
     else:   # Slurm's SIGTERM, KillWait before SIGKILL: a checkpoint at the step's end, no self-requeue
         assert "stop requested (signal SIGTERM)" in log and "Slurm is ending the job (SIGTERM)" in log
-        assert "handing over to submitit" not in log
+        assert "ftlib: requeueing job" not in log
+    assert not list((run.root / "slurm").glob("requeue-*"))    # the marker is consumed
     prov = read_json(run.provenance)
     assert [s["slurm_restart_count"] for s in prov["starts"]] == [0, 1]
     assert read_json(run.state)["step"] == 150

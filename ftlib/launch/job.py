@@ -1,32 +1,35 @@
 """The job function that Slurm runs: a submitit Checkpointable around the recipe.
 
 Preemption and time limits: Slurm sends USR2 `slurm.signal_delay_s` seconds before the end.
-submitit's own handler would call checkpoint() in the middle of an optimizer step; ftlib instead
-sets a flag, lets the Trainer finish the step and save a complete checkpoint, and only then hands
-over to submitit, which requeues the job (`scontrol requeue`) and exits. The requeued job resumes
-from that checkpoint with the same W&B run.
+submitit's own handler would call checkpoint() in the middle of an optimizer step and run
+`scontrol requeue` in the job process, which may be in a container without Slurm's client. ftlib
+instead sets a flag, lets the Trainer finish the step and save a complete checkpoint, leaves a
+requeue marker, and exits; the batch script, on the host, requeues the job (slurm.requeue_trap).
+The requeued job resumes from that checkpoint with the same W&B run.
 
 SIGTERM is what Slurm sends on `scontrol requeue`, on preemption without --signal, and on scancel,
 KillWait seconds (30 by default) before SIGKILL. submitit ignores it; ftlib saves a checkpoint at
-the end of the step and exits without requeuing: Slurm itself requeues the job when that is what it
-is doing, and a cancelled job stays cancelled. A node failure restarts from the last periodic
-checkpoint.
+the end of the step and exits without asking for a requeue: Slurm itself requeues the job when
+that is what it is doing, and a cancelled job stays cancelled. A node failure restarts from the
+last periodic checkpoint.
 """
 from __future__ import annotations
 
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import submitit
 
 from ..config import RunConfig
 from ..recipe import StopRequest, is_main_process, run_recipe
-from ..storage import RunDir, atomic_write_json, read_json
+from ..storage import RunDir, atomic_write_json, atomic_write_text, read_json
 
 
 SIGTERM_REASON = "signal SIGTERM"
+INTERRUPTED_EXIT_STATUS = 3   # stopped early with a checkpoint; srun reports "exit code 3"
 
 
 class RequeueLimitExceeded(RuntimeError):
@@ -55,8 +58,9 @@ def export_distributed_env() -> None:
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, requeue_dir: Path | None = None):
         self.cfg = cfg
+        self.requeue_dir = requeue_dir   # where the batch script's trap looks for the marker
 
     def __call__(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -74,28 +78,35 @@ class TrainJob(submitit.helpers.Checkpointable):
                                               job_id=slurm_job_id(),
                                               host=os.uname().nodename))
         stop = StopRequest()
-        submitit_handler = signal.getsignal(signal.SIGUSR2)
         signal.signal(signal.SIGUSR2, lambda signum, frame: stop.set("signal SIGUSR2"))
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set(SIGTERM_REASON))
         _log(f"ftlib job: run {cfg.name} in {run.root}, Slurm job {os.environ.get('SLURM_JOB_ID')}, "
              f"restart {restarts}")
         result = run_recipe(cfg, stop=stop, log=_log)
-        if result.status == "interrupted" and not is_main_process():
-            return {"status": "interrupted", "global_step": result.global_step}  # rank 0 requeues the job
-        if result.status == "interrupted" and stop.reason == SIGTERM_REASON:
+        if result.status != "interrupted":
+            return {"status": result.status, "run_dir": str(result.run_dir), "global_step": result.global_step,
+                    "train_loss": result.train_loss, "eval_loss": result.eval_loss,
+                    "wandb_run_id": result.wandb_run_id}
+        if not is_main_process():
+            return {"status": "interrupted", "global_step": result.global_step}  # rank 0 decides
+        if stop.reason == SIGTERM_REASON:
             _log(f"checkpoint saved at step {result.global_step}; Slurm is ending the job (SIGTERM): "
                  "a requeue resumes from this checkpoint")
-            return {"status": "interrupted", "global_step": result.global_step}
-        if result.status == "interrupted":
-            _log(f"checkpoint saved at step {result.global_step}; handing over to submitit to requeue")
-            sys.stdout.flush()
-            if callable(submitit_handler):
-                submitit_handler(signal.SIGUSR2, None)   # checkpoint() + scontrol requeue + exit
-            raise RuntimeError("interrupted but submitit's requeue handler is not installed")
-        return {"status": result.status, "run_dir": str(result.run_dir), "global_step": result.global_step,
-                "train_loss": result.train_loss, "eval_loss": result.eval_loss,
-                "wandb_run_id": result.wandb_run_id}
+        else:
+            self.ask_for_requeue()
+            _log(f"checkpoint saved at step {result.global_step}; the batch script requeues the job")
+        # No result file: the job is not over, and `submit --wait` must keep waiting (submitit
+        # counts a job with a result file as done).
+        sys.stdout.flush()
+        sys.exit(INTERRUPTED_EXIT_STATUS)
+
+    def ask_for_requeue(self) -> None:
+        from .slurm import requeue_marker
+        if self.requeue_dir is None:
+            raise RuntimeError("this job was submitted without a requeue directory; resubmit it to resume")
+        atomic_write_text(requeue_marker(self.requeue_dir, os.environ["SLURM_JOB_ID"]), "requeue\n")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        # The Trainer checkpoint is already on disk (see module docstring); resubmit ourselves.
-        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
+        # Only reached if USR2 comes before __call__ installs ftlib's handler. The Trainer
+        # checkpoints are on disk; resubmit ourselves unchanged.
+        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.requeue_dir))

@@ -116,6 +116,25 @@ def _apply_dotted(base: dict[str, Any], overrides: dict[str, Any], source: str) 
     return data
 
 
+def requeue_marker(folder: Path, job_id: str) -> Path:
+    """The file a job leaves to ask its batch script for a requeue (see requeue_trap)."""
+    return Path(folder) / f"requeue-{job_id}"
+
+
+def requeue_trap(folder: Path) -> list[str]:
+    """Setup lines: when the batch script exits and the job left a requeue marker, requeue it.
+
+    The job may run in a container without Slurm's client, config or munge socket, so it never
+    runs `scontrol requeue` itself (as submitit's USR2 handler would): after saving a checkpoint
+    it leaves the marker and exits; the batch script runs on the host, and its EXIT trap requeues
+    the job while the job is still running (the same call submitit makes from inside).
+    """
+    return [f"FTLIB_REQUEUE_MARKER={_quote(str(folder))}/requeue-$SLURM_JOB_ID",
+            "trap 'if [ -e \"$FTLIB_REQUEUE_MARKER\" ]; then rm -f \"$FTLIB_REQUEUE_MARKER\"; "
+            "echo \"ftlib: requeueing job $SLURM_JOB_ID, as the job asked\"; "
+            "scontrol requeue \"$SLURM_JOB_ID\"; fi' EXIT"]
+
+
 def array_folder(cfg: RunConfig) -> Path:
     return Path(os.path.expanduser(cfg.storage.root)).resolve() / f"{cfg.name}.array"
 
@@ -141,12 +160,13 @@ def make_plan(cfg: RunConfig) -> JobPlan:
     params["additional_parameters"] = additional
     # WANDB_SERVICE points at the wandb-core of whatever process ran sbatch (a notebook, a test):
     # inherited by the job, it makes the job talk to that process, and a requeue finds it gone.
-    setup = ["unset WANDB_SERVICE", f"export HF_HOME={_quote(os.path.expanduser(cfg.storage.hf_cache))}"]
+    folder = configs[0].run_root / "slurm" if len(configs) == 1 else array_folder(cfg)
+    setup = [*requeue_trap(folder), "unset WANDB_SERVICE",
+             f"export HF_HOME={_quote(os.path.expanduser(cfg.storage.hf_cache))}"]
     if cfg.storage.offline:
         setup += ["export HF_HUB_OFFLINE=1", "export HF_DATASETS_OFFLINE=1"]
     params["setup"] = setup + list(s.setup)
 
-    folder = configs[0].run_root / "slurm" if len(configs) == 1 else array_folder(cfg)
     python, container = _python_command(cfg, params)
     return JobPlan(folder=folder, parameters=params, python=python, configs=configs, container=container)
 
@@ -228,9 +248,9 @@ def submit_plan(plan: JobPlan) -> list:
     executor = executor_for(plan)
     if plan.is_array:
         with arrays_keep_python(plan.python), executor.batch():
-            jobs = [executor.submit(TrainJob(cfg)) for cfg in plan.configs]
+            jobs = [executor.submit(TrainJob(cfg, plan.folder)) for cfg in plan.configs]
     else:
-        jobs = [executor.submit(TrainJob(plan.configs[0]))]
+        jobs = [executor.submit(TrainJob(plan.configs[0], plan.folder))]
     for cfg, job in zip(plan.configs, jobs):
         run = RunDir(cfg.run_root)
         state = read_json(run.state, default={}) or {}

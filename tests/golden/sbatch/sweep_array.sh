@@ -14,6 +14,8 @@
 #SBATCH --wckey=submitit
 
 # setup
+FTLIB_REQUEUE_MARKER=/shared/runs/tiny.array/requeue-$SLURM_JOB_ID
+trap 'if [ -e "$FTLIB_REQUEUE_MARKER" ]; then rm -f "$FTLIB_REQUEUE_MARKER"; echo "ftlib: requeueing job $SLURM_JOB_ID, as the job asked"; scontrol requeue "$SLURM_JOB_ID"; fi' EXIT
 unset WANDB_SERVICE
 export HF_HOME=/shared/hf
 
