@@ -53,10 +53,8 @@ Tested for real on CPU (tests/test_containers.py): ch-run, and the apptainer wra
 against a stand-in `apptainer`. Apptainer itself and pyxis cannot run on the development
 machines: their flags are pinned by golden files, not yet exercised on a cluster.
 
-Known gap: on USR2, submitit's handler requeues by running `scontrol requeue` in the job process,
-i.e. inside the container, where the image has no Slurm client, slurm.conf or munge socket.
-Preemption/timeout requeue of a containerized job needs those bound in (site-specific paths,
-e.g. via container.binds) or a requeue done outside the container.
+Requeue needs no Slurm inside the image: on USR2 the job leaves a marker and exits, and the batch
+script, which runs on the host, requeues it (slurm.requeue_trap; tested with ch-run).
 """
 from __future__ import annotations
 
