@@ -44,15 +44,7 @@ fail() {  # fail MESSAGE LOGFILE
   fi
   exit 1
 }
-# pid_is NAME PID: PID is a live process called NAME. A pid left over from before a restart may
-# belong to something else now, and a killed daemon may linger as a zombie for a while.
-pid_is() {
-  local stat
-  [ "$(cat "/proc/$2/comm" 2>/dev/null)" = "$1" ] || return 1
-  stat=$(cat "/proc/$2/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [[ "${stat%% *}" != [ZX] ]]
-}
+. "$(dirname "${BASH_SOURCE[0]}")/pid.sh"   # pid_is NAME PID
 running() {  # running NAME PIDFILE: the pid file names a live NAME
   local pid
   pid=$(cat "$2" 2>/dev/null) && [ -n "$pid" ] && pid_is "$1" "$pid"

@@ -6,26 +6,19 @@
 set -uo pipefail
 STATE=${FTLIB_SLURM_DIR:-/var/tmp/ftlib-slurm}
 
-# alive NAME PID: PID is a live process called NAME (not a zombie, not a reused pid)
-alive() {
-  local stat
-  [ "$(cat "/proc/$2/comm" 2>/dev/null)" = "$1" ] || return 1
-  stat=$(cat "/proc/$2/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [[ "${stat%% *}" != [ZX] ]]
-}
+. "$(dirname "${BASH_SOURCE[0]}")/pid.sh"   # pid_is NAME PID
 
 # stop NAME PIDFILE: stop the process named NAME whose pid is in PIDFILE, if it is still that process
 stop() {
   local name=$1 pidfile=$2 pid i
   pid=$(cat "$pidfile" 2>/dev/null) || return 0
-  if [ -n "$pid" ] && alive "$name" "$pid"; then
+  if [ -n "$pid" ] && pid_is "$name" "$pid"; then
     kill -TERM "$pid" 2>/dev/null
     for ((i = 0; i < 150; i++)); do
-      alive "$name" "$pid" || break
+      pid_is "$name" "$pid" || break
       sleep 0.2
     done
-    if alive "$name" "$pid"; then
+    if pid_is "$name" "$pid"; then
       echo "stop-cluster: $name (pid $pid) ignored SIGTERM for 30 s; killing it" >&2
       kill -KILL "$pid" 2>/dev/null
     fi

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,13 @@ def subprocess_env(hf_cache: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, FTLIB_HF_CACHE=str(hf_cache), PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
+
+
+def wait_for(predicate, timeout=180, poll=0.2, what="condition"):
+    """Poll predicate() until it is true; fail naming `what` after timeout seconds."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")

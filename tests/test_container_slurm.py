@@ -6,12 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env
+from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env, wait_for
 from ftlib.storage import RunDir, read_json, verify_manifest
 
 pytestmark = pytest.mark.slurm
@@ -103,14 +102,10 @@ def test_preempted_job_in_charliecloud_is_requeued_by_the_batch_script(image, tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = RunDir(root / "tiny")
     job_id = read_json(run.state)["job_id"]
-    deadline = time.time() + 300
-    while not (run.checkpoints / "checkpoint-10" / "ftlib_complete.json").exists():
-        assert time.time() < deadline, "no first checkpoint"
-        time.sleep(0.2)
+    wait_for((run.checkpoints / "checkpoint-10" / "ftlib_complete.json").exists, timeout=300,
+             what="the first checkpoint")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    while not run.manifest.exists():
-        assert time.time() < deadline, "the requeued job did not finish"
-        time.sleep(1)
+    wait_for(run.manifest.exists, timeout=300, poll=1, what="the requeued job to finish")
     log = Path(read_json(run.state)["log"]).read_text()
     assert "the batch script requeues the job" in log and f"ftlib: requeueing job {job_id}, as the job asked" in log
     assert "resuming from" in log

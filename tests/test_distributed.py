@@ -7,13 +7,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env
+from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env, wait_for
 from ftlib.storage import RunDir, read_json, verify_manifest
 
 ZERO3_SHARDED = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
@@ -97,14 +96,9 @@ def test_two_task_slurm_job_and_resume_after_requeue(name, tmp_path, hf_cache, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = RunDir(root / "tiny")
     job_id = read_json(run.state)["job_id"]
-    deadline = time.time() + 600
-    while not (run.checkpoints / "checkpoint-5" / "ftlib_complete.json").exists():
-        assert time.time() < deadline, "no checkpoint"
-        time.sleep(0.5)
+    wait_for((run.checkpoints / "checkpoint-5" / "ftlib_complete.json").exists, timeout=600, what="a checkpoint")
     subprocess.run(["scontrol", "requeue", job_id], check=True)
-    while not run.manifest.exists():
-        assert time.time() < deadline, "requeued job did not finish"
-        time.sleep(1)
+    wait_for(run.manifest.exists, timeout=600, poll=1, what="the requeued job to finish")
     log = (root / "tiny" / "slurm").rglob("*_0_log.out")
     text = "".join(p.read_text() for p in log)
     assert "resuming from" in text

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env
+from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env, wait_for
 from ftlib.storage import RunDir, read_json, verify_manifest
 
 pytestmark = pytest.mark.slurm
@@ -42,15 +42,6 @@ def sacct_state(job_id: str) -> str:
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
                          text=True).stdout.split()
     return out[0] if out else ""
-
-
-def wait_for(predicate, timeout=180, poll=0.2, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_submitted_job_completes_with_artifacts_and_shows_in_status(tmp_path, hf_cache):
