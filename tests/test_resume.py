@@ -69,3 +69,14 @@ def test_overwrite_output_dir_starts_afresh(tiny_config, tmp_path):
     run = RunDir(first.run_dir)
     assert run.manifest.exists()
     assert (run.root / "wandb_run_id").read_text().strip() != old_id
+
+
+def test_run_recipe_called_directly_honours_overwrite_output_dir(tiny_config, tmp_path):
+    root = tmp_path / "runs"
+    first = run_recipe(tiny_config("training.max_steps=5", root=root), log=lambda _: None)
+    lines: list[str] = []
+    again = run_recipe(tiny_config("training.max_steps=5", "training.overwrite_output_dir=true", root=root),
+                       log=lines.append)
+    assert again.status == "completed" and again.global_step == 5
+    assert again.resumed_from is None and not any("already complete" in line for line in lines)
+    assert again.wandb_run_id != first.wandb_run_id

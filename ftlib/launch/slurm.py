@@ -158,9 +158,9 @@ def make_plan(cfg: RunConfig) -> JobPlan:
     additional = {"requeue": True}   # preemption requeues instead of cancelling
     additional.update(_extra_sbatch(s.extra_sbatch))
     params["additional_parameters"] = additional
+    folder = configs[0].run_root / "slurm" if len(configs) == 1 else array_folder(cfg)
     # WANDB_SERVICE points at the wandb-core of whatever process ran sbatch (a notebook, a test):
     # inherited by the job, it makes the job talk to that process, and a requeue finds it gone.
-    folder = configs[0].run_root / "slurm" if len(configs) == 1 else array_folder(cfg)
     setup = [*requeue_trap(folder), "unset WANDB_SERVICE",
              f"export HF_HOME={_quote(os.path.expanduser(cfg.storage.hf_cache))}"]
     if cfg.storage.offline:
