@@ -23,6 +23,9 @@ BUILTIN_MODELS: dict[str, dict] = {
     "tiny-llama-256": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512},
     "tiny-mistral": {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128},
     "tiny-qwen2": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128},
+    # Mistral 7B's tokenizer layout (SentencePiece-style BPE with byte fallback), for debugging
+    # configs/mistral.yaml on CPU: same tokenizer kind, same GGUF path.
+    "tiny-mistral-spm": {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128, "tokenizer": "spm"},
 }
 
 _WORDS = ("apple river stone cloud green quick light dark north south winter summer happy "
@@ -86,16 +89,52 @@ def build_tokenizer(vocab_size: int = 512):
     return fast
 
 
+def build_spm_tokenizer(vocab_size: int = 512):
+    """A SentencePiece-style tokenizer laid out like Mistral 7B's and Llama 2's tokenizer.json:
+    <unk> <s> </s>, the 256 byte tokens <0x00>..<0xFF> (byte fallback for any character outside
+    the vocabulary), then BPE pieces with "▁" for spaces and a "▁" prepended to the text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def spm_style(model):
+        tok = Tokenizer(model)
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        return tok
+
+    # Learn the pieces, then lay out the vocabulary as SentencePiece does (specials, bytes, pieces).
+    learner = spm_style(models.BPE())
+    # SentencePiece does not merge across words: split at each "▁" for learning only (the
+    # final tokenizer, like Mistral's tokenizer.json, has no pre-tokenizer).
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    learner.train_from_iterator(_tokenizer_corpus(), trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size - 3 - 256, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = spm_style(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.add_bos_token = True
+    fast.chat_template = CHATML
+    return fast
+
+
 def build_model(path: str | Path, model_type: str = "llama", hidden_size: int = 64,
                 intermediate_size: int = 128, num_hidden_layers: int = 2,
                 num_attention_heads: int = 4, num_key_value_heads: int = 2, seed: int = 0,
-                initializer_range: float = 0.1) -> Path:
-    """Write a tiny random-weight causal LM and its tokenizer to `path` (save_pretrained)."""
+                initializer_range: float = 0.1, tokenizer: str = "byte-level") -> Path:
+    """Write a tiny random-weight causal LM and its tokenizer ("byte-level" BPE or "spm") to
+    `path` (save_pretrained)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    tokenizer = build_tokenizer()
+    tokenizer = build_spm_tokenizer() if tokenizer == "spm" else build_tokenizer()
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tokenizer), hidden_size=hidden_size,
         intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,

@@ -21,7 +21,9 @@ from ftlib.export import gguf as ggufexp
 from ftlib.templates import NAMED_TEMPLATES
 from ftlib.tiny import BUILTIN_MODELS, build_model
 
-FAMILIES = ["llama", "mistral", "qwen2"]
+# mistral-spm: Mistral 7B's tokenizer kind (SentencePiece-style BPE with byte fallback, llama.cpp's
+# `llama` tokenizer model); the others have byte-level BPE tokenizers (llama.cpp's `gpt2`).
+FAMILIES = ["llama", "mistral", "qwen2", "mistral-spm"]
 TOLERANCE = {"f16": 1e-3, "bf16": 2e-2, "q8_0": 2e-2}
 PROMPTS = [
     "Reverse the word. apple",
@@ -60,7 +62,8 @@ def _build(root: Path, family: str, initializer_range: float = 0.02) -> Path:
     the tolerances are for: the builtin's 0.1 (chosen so tiny training visibly learns) makes this
     random 2-layer net amplify weight rounding ~10x (f16 ~3e-3, q8_0 ~0.1 on logits of std 0.8);
     test_f32_layout_is_exact covers that scale with an exact comparison instead."""
-    key = {"llama": "tiny-llama", "mistral": "tiny-mistral", "qwen2": "tiny-qwen2"}[family]
+    key = {"llama": "tiny-llama", "mistral": "tiny-mistral", "qwen2": "tiny-qwen2",
+           "mistral-spm": "tiny-mistral-spm"}[family]
     path = build_model(root / key, **BUILTIN_MODELS[key], initializer_range=initializer_range)
     if family == "qwen2":
         tokenizer_file = path / "tokenizer.json"
@@ -195,7 +198,10 @@ def test_metadata_tensor_names_types_and_shapes(models, exported, family, qtype)
             assert tensor.tensor_type == matrix_type, name
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+BYTE_LEVEL = [f for f in FAMILIES if f != "mistral-spm"]
+
+
+@pytest.mark.parametrize("family", BYTE_LEVEL)
 def test_tokenizer_metadata(models, exported, family):
     from transformers import AutoTokenizer
 
@@ -218,6 +224,32 @@ def test_tokenizer_metadata(models, exported, family):
     assert _field(reader, "tokenizer.ggml.padding_token_id") == tokenizer.pad_token_id
     assert _field(reader, "tokenizer.ggml.add_bos_token") is False  # the tiny tokenizer adds no BOS
     assert _field(reader, "tokenizer.chat_template") == tokenizer.chat_template == NAMED_TEMPLATES["chatml"]
+
+
+def test_sentencepiece_tokenizer_metadata(models, exported):
+    """Mistral 7B's kind: llama.cpp's `llama` model, scores that order the merges, byte tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models["mistral-spm"])
+    reader = _reader(exported("mistral-spm", "f16"))
+    assert _field(reader, "tokenizer.ggml.model") == "llama"
+    assert _field(reader, "tokenizer.ggml.add_space_prefix") is True
+    assert _field(reader, "tokenizer.ggml.add_bos_token") is True        # Mistral's tokenizer adds <s>
+    assert "tokenizer.ggml.merges" not in reader.fields and "tokenizer.ggml.pre" not in reader.fields
+    vocab = tokenizer.get_vocab()
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == len(vocab) and all(tokens[i] == t for t, i in vocab.items())
+    types = _field(reader, "tokenizer.ggml.token_type")
+    assert types[vocab["<unk>"]] == 2                                     # UNKNOWN
+    assert {i for i, t in enumerate(types) if t == 3} == {vocab[t] for t in ["<s>", "</s>", "<|im_start|>",
+                                                                             "<|im_end|>"]}  # CONTROL
+    assert [tokens[i] for i, t in enumerate(types) if t == 6] == [f"<0x{b:02X}>" for b in range(256)]  # BYTE
+    scores = _field(reader, "tokenizer.ggml.scores")
+    merges = json.loads((models["mistral-spm"] / "tokenizer.json").read_text())["model"]["merges"]
+    for rank, merge in enumerate(merges[:50]):
+        piece = "".join(merge.split(" ") if isinstance(merge, str) else merge)
+        assert scores[vocab[piece]] == pytest.approx(-rank)                # earlier merge, higher score
+    assert scores[vocab["<0x41>"]] < -len(merges) and scores[vocab["a"]] < -len(merges)
 
 
 def test_stock_tiny_qwen2_tokenizer_is_gpt2_pre(tmp_path):
@@ -253,7 +285,14 @@ def test_transformers_reads_back_tokenizer_and_logits(models, exported, family, 
     tokenizer, model = _hf(models[family])
     gguf_tokenizer, gguf_model = _from_gguf(exported(family, qtype))
 
-    for text in _test_texts(tokenizer):
+    texts = _test_texts(tokenizer)
+    if family == "mistral-spm":
+        # transformers rebuilds a SentencePiece tokenizer from the GGUF without the "legacy" extra
+        # "▁" that Mistral's tokenizer.json puts after special tokens and before leading spaces;
+        # llama.cpp, what Ollama runs, matches training on every string (test_llama_cpp_reads_back).
+        texts = [t for t in texts if not t[:1].isspace() and "<s>" not in t and "<|im_start|>" not in t]
+        assert len(texts) == 3
+    for text in texts:
         assert gguf_tokenizer.encode(text, add_special_tokens=True) == tokenizer.encode(text), text
     assert gguf_tokenizer.chat_template == tokenizer.chat_template
     assert gguf_tokenizer.eos_token == tokenizer.eos_token and gguf_tokenizer.bos_token == tokenizer.bos_token
@@ -596,7 +635,7 @@ def test_llama3_rope_scaling_in_llama_cpp(tmp_path):
 def test_check_gguf_support(models, tmp_path):
     for family in FAMILIES:
         ggufexp.check_gguf_support(models[family])
-    # a SentencePiece-style tokenizer (BPE with byte fallback, as Mistral 7B and Llama 2 have)
+    # byte fallback on a byte-level BPE: neither llama.cpp tokenizer model fits it
     import shutil
 
     spm = tmp_path / "spm"

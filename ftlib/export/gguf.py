@@ -10,9 +10,11 @@ own converter does) and qwen2. The file follows llama.cpp's converter (convert_h
   (token_embd, blk.N.attn_q, ..., output_norm, output), norms and biases in F32, the q/k rotary
   permutation for llama/mistral (llama.cpp's RoPE pairs adjacent dimensions, HF pairs halves),
   qwen2's q/k/v biases, and llama3-style rope factors as `rope_freqs`;
-- the tokenizer as llama.cpp's `gpt2` model (byte-level BPE): tokens, token types, merges, the
-  pre-tokenizer name (`tokenizer.ggml.pre`), bos/eos/pad/unk ids, add_bos/add_eos and the chat
-  template. SentencePiece-style tokenizers (Mistral 7B v0.1-v0.3, Llama 2) are refused with a
+- the tokenizer: byte-level BPE (Llama 3, Qwen2, Mistral Nemo) as llama.cpp's `gpt2` model
+  (tokens, token types, merges, the pre-tokenizer name `tokenizer.ggml.pre`); SentencePiece-style
+  BPE with byte fallback (Mistral 7B v0.1-v0.3, Llama 2) as llama.cpp's `llama` model (tokens,
+  scores that order the merges, byte/control/unknown token types, add_space_prefix); for both,
+  bos/eos/pad/unk ids, add_bos/add_eos and the chat template. Other tokenizers are refused with a
   one-line error; `check_gguf_support(base_model_dir)` finds that out before training.
 
 Types: f16, bf16 and q8_0 are written here with the `gguf` package (numpy). The K-quants q4_k_m,
@@ -357,44 +359,55 @@ def _pre_tokenizer_name(tokenizer, tokenizer_json: dict[str, Any]) -> str:
         "model with llama.cpp's convert_hf_to_gguf.py instead")
 
 
-def _byte_level_tokenizer_json(model_dir: Path) -> dict[str, Any]:
-    """tokenizer.json of `model_dir`, if it is a byte-level BPE (llama.cpp's `gpt2` model)."""
+def _tokenizer_json(model_dir: Path) -> tuple[dict[str, Any], str]:
+    """tokenizer.json of `model_dir` and llama.cpp's tokenizer model for it: `gpt2` (byte-level
+    BPE: Llama 3, Qwen2, Mistral Nemo, ftlib's tiny models) or `llama` (SentencePiece-style BPE
+    with byte fallback: Mistral 7B v0.1-v0.3, Llama 2). Anything else is refused."""
     tokenizer_file = model_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ValueError(f"GGUF export needs a fast tokenizer (tokenizer.json) in {model_dir}")
     tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     model = tokenizer_json.get("model") or {}
     pre = json.dumps(tokenizer_json.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or '"ByteLevel"' not in pre:
-        kind = f"{model.get('type')} tokenizer"
-        if model.get("byte_fallback"):
-            kind += " with byte fallback (SentencePiece style, e.g. Mistral 7B v0.1-v0.3, Llama 2)"
-        raise ValueError(
-            f"GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, Mistral Nemo, ftlib's tiny "
-            f"models); {model_dir} has a {kind}: drop export.gguf and convert the merged model with "
-            "llama.cpp's convert_hf_to_gguf.py")
-    return tokenizer_json
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and '"ByteLevel"' in pre:
+        return tokenizer_json, "gpt2"
+    if model.get("type") == "BPE" and model.get("byte_fallback") and '"ByteLevel"' not in pre:
+        return tokenizer_json, "llama"
+    raise ValueError(
+        f"GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen2, Mistral Nemo) and SentencePiece-"
+        f"style BPE with byte fallback (Mistral 7B, Llama 2); {model_dir} has a {model.get('type')} tokenizer: "
+        "drop export.gguf and convert the merged model with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts "▁" before the text (SentencePiece's add_dummy_prefix): a
+    Prepend normalizer (Mistral 7B, Llama 2) or a Metaspace pre-tokenizer that prepends."""
+    text = json.dumps([tokenizer_json.get("normalizer"), tokenizer_json.get("pre_tokenizer")])
+    if '"Prepend"' in text:
+        return True
+    return bool(re.search(r'"type": "Metaspace"[^}]*"prepend_scheme": "(first|always)"', text))
 
 
 def check_gguf_support(model_dir: str | os.PathLike) -> None:
     """Refuse, before training, a base model this module cannot export: a family other than
-    llama/mistral/qwen2, or a tokenizer that is not byte-level BPE with a pre-tokenizer llama.cpp
-    implements. Raises ValueError with one line. `model_dir`: a local HF model directory."""
+    llama/mistral/qwen2, or a tokenizer that is neither SentencePiece-style BPE nor byte-level
+    BPE with a pre-tokenizer llama.cpp implements. Raises ValueError with one line. `model_dir`: a local HF model directory."""
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
     _read_config(model_dir)
-    tokenizer_json = _byte_level_tokenizer_json(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    _pre_tokenizer_name(tokenizer, tokenizer_json)
+    tokenizer_json, kind = _tokenizer_json(model_dir)
+    if kind == "gpt2":
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        _pre_tokenizer_name(tokenizer, tokenizer_json)
 
 
 def _tokenizer_metadata(model_dir: Path, vocab_size: int, chat_template: str | None) -> dict[str, Any]:
-    """Everything llama.cpp's `gpt2` tokenizer model needs, from the saved HF tokenizer."""
+    """Everything llama.cpp's `gpt2` or `llama` tokenizer model needs, from the saved HF tokenizer."""
     import gguf
     from transformers import AutoTokenizer
 
-    tokenizer_json = _byte_level_tokenizer_json(model_dir)
+    tokenizer_json, kind = _tokenizer_json(model_dir)
     model = tokenizer_json.get("model") or {}
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     vocab = tokenizer.get_vocab()
@@ -412,8 +425,12 @@ def _tokenizer_metadata(model_dir: Path, vocab_size: int, chat_template: str | N
             token_types.append(gguf.TokenType.UNUSED)
             continue
         token = reverse[index]
-        if index in added:
-            if not added[index].normalized:
+        if kind == "llama" and index == tokenizer.unk_token_id:
+            token_types.append(gguf.TokenType.UNKNOWN)
+        elif kind == "llama" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            token_types.append(gguf.TokenType.BYTE)        # byte fallback pieces
+        elif index in added:
+            if kind == "gpt2" and not added[index].normalized:
                 # llama.cpp expects added tokens pre-normalized (the converter's decode(encode()))
                 token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False)) or token
             token_types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
@@ -423,6 +440,17 @@ def _tokenizer_metadata(model_dir: Path, vocab_size: int, chat_template: str | N
 
     merges = model.get("merges") or []
     merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    scores: list[float] = []
+    if kind == "llama":
+        # llama.cpp's SentencePiece tokenizer merges, among adjacent pairs whose concatenation is
+        # a token, the one whose token scores highest. Scoring each piece by minus the rank of the
+        # merge that makes it reproduces BPE's lowest-rank-first order; pieces no merge makes
+        # (characters, bytes, specials) are never the result of a pair and score lowest.
+        rank = {}
+        for r, merge in enumerate(merges):
+            rank.setdefault(merge.replace(" ", ""), r)
+        floor = -float(len(merges) + 1)
+        scores = [-float(rank[t]) if t in rank else floor for t in tokens]
 
     plain = tokenizer.encode("a", add_special_tokens=False)
     full = tokenizer.encode("a", add_special_tokens=True)
@@ -434,10 +462,13 @@ def _tokenizer_metadata(model_dir: Path, vocab_size: int, chat_template: str | N
     if isinstance(template, dict):  # several named templates: llama.cpp takes the default
         template = template.get("default")
     return {
-        "pre": _pre_tokenizer_name(tokenizer, tokenizer_json),
+        "model": kind,
+        "pre": _pre_tokenizer_name(tokenizer, tokenizer_json) if kind == "gpt2" else None,
         "tokens": tokens,
         "token_types": token_types,
-        "merges": merges,
+        "merges": merges if kind == "gpt2" else [],
+        "scores": scores,
+        "add_space_prefix": kind == "llama" and _adds_space_prefix(tokenizer_json),
         "special_ids": {k: v for k, v in special_ids.items() if v is not None},
         "add_bos": bool(special_ids["bos"] is not None and len(full) > len(plain)
                         and full[0] == special_ids["bos"]),
@@ -488,11 +519,15 @@ def _add_metadata(writer, config: dict[str, Any], tok: dict[str, Any], name: str
     elif rope_type != "default":
         raise ValueError(f"GGUF export: rope_type {rope_type!r} of this {family} model is not supported")
 
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_tokenizer_model(tok["model"])
     writer.add_token_list(tok["tokens"])
     writer.add_token_types(tok["token_types"])
-    writer.add_token_merges(tok["merges"])
+    if tok["model"] == "gpt2":
+        writer.add_tokenizer_pre(tok["pre"])
+        writer.add_token_merges(tok["merges"])
+    else:   # SentencePiece-style: scores order the merges; "▁" before the text or not
+        writer.add_token_scores(tok["scores"])
+        writer.add_add_space_prefix(tok["add_space_prefix"])
     ids = tok["special_ids"]
     if "bos" in ids:
         writer.add_bos_token_id(ids["bos"])
