@@ -391,7 +391,8 @@ def _adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
 def check_gguf_support(model_dir: str | os.PathLike) -> None:
     """Refuse, before training, a base model this module cannot export: a family other than
     llama/mistral/qwen2, or a tokenizer that is neither SentencePiece-style BPE nor byte-level
-    BPE with a pre-tokenizer llama.cpp implements. Raises ValueError with one line. `model_dir`: a local HF model directory."""
+    BPE with a pre-tokenizer llama.cpp implements. Raises ValueError with one line.
+    `model_dir`: a local HF model directory."""
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)

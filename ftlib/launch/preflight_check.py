@@ -66,7 +66,8 @@ def data_statistics(cfg: RunConfig) -> tuple[dict | None, str]:
     from ..data import is_local_file
     from ..preflight import data_statistics as statistics
     if not is_local_file(cfg.data.train):
-        return None, f"data: {cfg.data.train} is a hub dataset: not read here; the job logs its samples, truncations and rows"
+        return None, (f"data: {cfg.data.train} is a hub dataset: not read here; the job logs its samples, "
+                      "truncations and rows")
     try:
         lengths, total = training_lengths(cfg)
     except (OSError, ValueError) as exc:   # no tokenizer files here (a config-only model dir, offline)
