@@ -69,7 +69,7 @@ class ExportSection:
     gguf: list[str] = field(default_factory=list)   # f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k
     ollama: bool = False
     system_prompt: str | None = None     # Ollama SYSTEM line; default: data.system_prompt
-    report: bool = False                 # base vs fine-tuned report on held-out prompts
+    report: bool = True                  # report.md: base vs fine-tuned on held-out prompts
 
 
 @dataclass

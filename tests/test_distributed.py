@@ -58,6 +58,8 @@ def _check_run(run: RunDir, wrapper: str, stage: int, reference_shapes) -> None:
     assert all(v.numel() > 0 and torch.isfinite(v).all() for v in adapter.values())
     assert verify_manifest(run) == []
     assert not list(run.artifacts.glob(".adapter.not-written-by-rank-*"))
+    report = read_json(run.root / "report.json")      # rank 0 reports; the other rank just ends
+    assert report["fine_tuned"]["loss"] < report["base"]["loss"], report
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
