@@ -7,8 +7,8 @@ template, or plain text (completion). Loss falls only on assistant turns unless
 offsets, so the tokens are exactly those the model sees at inference.
 
 Packing puts samples into rows of at most max_length tokens (best-fit decreasing, pack_plan), with
-position_ids restarting at each sample; transformers builds a block-diagonal causal mask from such position_ids when no
-attention_mask is passed, so no token attends across a sample boundary.
+position_ids restarting at each sample; transformers builds a block-diagonal causal mask from such
+position_ids when no attention_mask is passed, so no token attends across a sample boundary.
 """
 from __future__ import annotations
 
