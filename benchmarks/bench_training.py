@@ -179,52 +179,18 @@ def example_key(ids) -> bytes:
     return np.asarray(ids, dtype=np.int64).tobytes()
 
 
-def heldout_loss(model, heldout: list[dict], batch_size: int = 8) -> float:
+def heldout_loss(model, heldout: list[dict]) -> float:
     """Mean negative log-likelihood per response token over the held-out examples (labels -100 on
-    prompts and padding), the same code for both arms."""
-    import torch
-    import torch.nn.functional as F
+    prompts and padding): ftlib's report code (report.held_out_loss), the same for both arms. Runs
+    inside the training callbacks, so the model's train/eval mode is put back afterwards."""
+    from ftlib.report import held_out_loss
 
-    device = next(p.device for p in model.parameters())
     was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(heldout)), key=lambda i: len(heldout[i]["input_ids"]))
     try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                chunk = [heldout[i] for i in order[start:start + batch_size]]
-                width = max(len(x["input_ids"]) for x in chunk)
-                ids = torch.zeros(len(chunk), width, dtype=torch.long)
-                mask = torch.zeros(len(chunk), width, dtype=torch.long)
-                labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-                for row, x in enumerate(chunk):
-                    n = len(x["input_ids"])
-                    ids[row, :n] = torch.tensor(x["input_ids"])
-                    mask[row, :n] = 1
-                    labels[row, :n] = torch.tensor(x["labels"])
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                logits = out.logits[:, :-1].float()
-                target = labels[:, 1:].to(device)
-                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                         ignore_index=IGNORE_INDEX, reduction="sum").item()
-                count += int((target != IGNORE_INDEX).sum())
+        # Length-sorted batches pad least; the padding id is masked out and never a target.
+        return held_out_loss(model, sorted(heldout, key=lambda x: len(x["input_ids"])), pad_token_id=0)[0]
     finally:
         model.train(was_training)
-    return total / max(count, 1)
-
-
-def pin_cpu_4bit_path(model) -> None:
-    """bitsandbytes 0.50 repacks 4-bit weights on the first no-grad CPU forward on AVX512-BF16 CPUs,
-    which changes later numerics; both arms pin the plain path so evaluation cannot change training
-    (ftlib does this itself in model.keep_one_cpu_4bit_path; the baseline must match it)."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
 
 
 def make_meter(plan: dict, heldout: list[dict]):
@@ -343,6 +309,8 @@ def run_baseline(plan: dict, heldout: list[dict], repeat: int = 0) -> dict[str, 
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
                               DataCollatorForLanguageModeling, Trainer, TrainingArguments, set_seed)
 
+    from ftlib.model import keep_one_cpu_4bit_path
+
     t_start = time.perf_counter()
     datasets.disable_progress_bars()
     set_seed(plan["seed"])
@@ -375,7 +343,9 @@ def run_baseline(plan: dict, heldout: list[dict], repeat: int = 0) -> dict[str, 
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
     model = AutoModelForCausalLM.from_pretrained(plan["model_path"], **kwargs)
-    pin_cpu_4bit_path(model)
+    # bitsandbytes repacks 4-bit weights on the first no-grad CPU forward (AVX512-BF16), which
+    # changes later numerics; ftlib pins the plain path, and the baseline must match it.
+    keep_one_cpu_4bit_path(model)
     model.config.use_cache = False
     training = dict(plan["training"])
     checkpointing = bool(training.get("gradient_checkpointing"))
