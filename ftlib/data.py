@@ -18,7 +18,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .config import ConfigError, DataSection
 
@@ -270,17 +270,25 @@ def cache_key(data: DataSection, tokenizer, seed: int) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def _samples(spec: str, data: DataSection, tokenizer, bad: list[BadRow]) -> tuple[list[dict], int]:
-    rows, unreadable = read_rows(spec, data)
-    bad.extend(unreadable)
-    out, truncated = [], 0
+def tokenized_rows(rows: Iterable[tuple[int, Any]], data: DataSection, tokenizer,
+                   bad: list[BadRow] | None = None) -> Iterator[tuple[int, dict, dict]]:
+    """(row number, sample, tokens) for each row that makes a sample; a row that does not goes,
+    with the reason, to `bad` (when given). Lazy: a caller may stop early."""
     for number, record in rows:
         try:
             sample = to_sample(record, data)
         except ValueError as exc:
-            bad.append(BadRow(number, str(exc)))
+            if bad is not None:
+                bad.append(BadRow(number, str(exc)))
             continue
-        tokens = tokenize_sample(tokenizer, sample, data)
+        yield number, sample, tokenize_sample(tokenizer, sample, data)
+
+
+def _samples(spec: str, data: DataSection, tokenizer, bad: list[BadRow]) -> tuple[list[dict], int]:
+    rows, unreadable = read_rows(spec, data)
+    bad.extend(unreadable)
+    out, truncated = [], 0
+    for number, _, tokens in tokenized_rows(rows, data, tokenizer, bad):
         if tokens["full_length"] > data.max_length:
             truncated += 1
         if all(label == IGNORE_INDEX for label in tokens["labels"]):

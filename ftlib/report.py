@@ -50,21 +50,13 @@ def held_out_samples(cfg: RunConfig, tokenizer) -> list[dict[str, Any]]:
 
     data.eval: that file's usable rows. validation_split: the same rows data.prepare_data holds
     out (usable train rows, max_samples, then a shuffle with the training seed)."""
-    from .data import IGNORE_INDEX, read_rows, to_sample, tokenize_sample
+    from .data import IGNORE_INDEX, read_rows, tokenized_rows
     data = cfg.data
 
     def usable(spec: str) -> list[dict[str, Any]]:
         rows, _ = read_rows(spec, data)
-        out = []
-        for _, record in rows:
-            try:
-                sample = to_sample(record, data)
-            except ValueError:
-                continue
-            tokens = tokenize_sample(tokenizer, sample, data)
-            if any(label != IGNORE_INDEX for label in tokens["labels"]):
-                out.append(sample)
-        return out
+        return [sample for _, sample, tokens in tokenized_rows(rows, data, tokenizer)
+                if any(label != IGNORE_INDEX for label in tokens["labels"])]
 
     if data.eval:
         return usable(data.eval)

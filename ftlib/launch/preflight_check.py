@@ -3,6 +3,7 @@ waits in a queue, print it with --dry-run, refuse a submission that cannot fit t
 for (preflight.py does the arithmetic; this module maps the run config onto it)."""
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from ..config import ConfigError, RunConfig
@@ -46,19 +47,12 @@ def estimate(cfg: RunConfig, model_cfg: Any):
 def training_lengths(cfg: RunConfig, max_rows: int = DATA_SAMPLE_ROWS) -> tuple[list[int], int]:
     """Token lengths (before truncation) of the first max_rows usable rows of data.train, rendered
     and tokenized exactly as training does, and the number of rows in the file. Writes nothing."""
-    from ..data import read_rows, to_sample, tokenize_sample
+    from ..data import read_rows, tokenized_rows
     from ..model import load_tokenizer, resolve_model_path
     tokenizer = load_tokenizer(cfg, resolve_model_path(cfg))
     rows, _ = read_rows(cfg.data.train, cfg.data)
-    lengths = []
-    for _, record in rows:
-        if len(lengths) == max_rows:
-            break
-        try:
-            lengths.append(tokenize_sample(tokenizer, to_sample(record, cfg.data), cfg.data)["full_length"])
-        except ValueError:   # a bad row: the job reports it by number
-            continue
-    return lengths, len(rows)
+    usable = tokenized_rows(rows, cfg.data, tokenizer)   # bad rows are skipped: the job reports them
+    return [tokens["full_length"] for _, _, tokens in itertools.islice(usable, max_rows)], len(rows)
 
 
 def data_statistics(cfg: RunConfig) -> tuple[dict | None, str]:
