@@ -116,9 +116,12 @@ def _apply_dotted(base: dict[str, Any], overrides: dict[str, Any], source: str) 
     return data
 
 
+REQUEUE_MARKER_PREFIX = "requeue-"   # + the Slurm job id, in the plan folder (a run's slurm/)
+
+
 def requeue_marker(folder: Path, job_id: str) -> Path:
     """The file a job leaves to ask its batch script for a requeue (see requeue_trap)."""
-    return Path(folder) / f"requeue-{job_id}"
+    return Path(folder) / f"{REQUEUE_MARKER_PREFIX}{job_id}"
 
 
 def requeue_trap(folder: Path) -> list[str]:
@@ -129,7 +132,7 @@ def requeue_trap(folder: Path) -> list[str]:
     it leaves the marker and exits; the batch script runs on the host, and its EXIT trap requeues
     the job while the job is still running (the same call submitit makes from inside).
     """
-    return [f"FTLIB_REQUEUE_MARKER={_quote(str(folder))}/requeue-$SLURM_JOB_ID",
+    return [f"FTLIB_REQUEUE_MARKER={_quote(str(folder))}/{REQUEUE_MARKER_PREFIX}$SLURM_JOB_ID",
             "trap 'if [ -e \"$FTLIB_REQUEUE_MARKER\" ]; then rm -f \"$FTLIB_REQUEUE_MARKER\"; "
             "echo \"ftlib: requeueing job $SLURM_JOB_ID, as the job asked\"; "
             "scontrol requeue \"$SLURM_JOB_ID\"; fi' EXIT"]
