@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, SAMPLE_DATA, subprocess_env
 from ftlib.storage import RunDir, verify_manifest
+from test_gguf import _field, _reader
 from test_ollama import renderer  # noqa: F401  (the Go text/template fixture)
 
 CPU_DEBUG = ["model.name=builtin:tiny-mistral-spm", "training.bf16=false",
@@ -31,14 +32,12 @@ def run(tmp_path_factory, hf_cache) -> RunDir:
 
 
 def test_cpu_debug_run_leaves_every_artifact(run):
-    from gguf import GGUFReader
-
     assert verify_manifest(run) == []
     assert (run.adapter / "adapter_model.safetensors").exists() and (run.merged / "config.json").exists()
     assert sorted(p.name for p in run.gguf.glob("*.gguf")) == ["mistral-7b-qlora-f16.gguf",
                                                                "mistral-7b-qlora-q8_0.gguf"]
-    field = GGUFReader(run.gguf / "mistral-7b-qlora-f16.gguf").fields["tokenizer.ggml.model"]
-    assert bytes(field.parts[field.data[0]]).decode() == "llama"     # SentencePiece-style, as Mistral 7B
+    reader = _reader(run.gguf / "mistral-7b-qlora-f16.gguf")
+    assert _field(reader, "tokenizer.ggml.model") == "llama"     # SentencePiece-style, as Mistral 7B
     modelfile = run.modelfile.read_text()
     assert "FROM ./gguf/mistral-7b-qlora-f16.gguf" in modelfile
     assert "[INST] {{ .Content }} [/INST]" in modelfile and 'PARAMETER stop "</s>"' in modelfile
