@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .config import ConfigError, DataSection
+from .storage import atomic_write_json, file_lock, read_json, staging_dir
 
 IGNORE_INDEX = -100
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -298,6 +299,18 @@ def _samples(spec: str, data: DataSection, tokenizer, bad: list[BadRow]) -> tupl
     return out, truncated
 
 
+def hold_out(samples: list, validation_split: float, seed: int) -> tuple[list, list]:
+    """(train, held out): the one train/validation split, used by training and by the report.
+
+    `samples` are the usable rows in file order (after max_samples); a shuffle with the training
+    seed picks round(n * validation_split) of them (at least one), kept in file order."""
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, int(round(len(samples) * validation_split)))])
+    return ([s for i, s in enumerate(samples) if i not in held],
+            [s for i, s in enumerate(samples) if i in held])
+
+
 def _report_bad_rows(spec: str, bad: list[BadRow], policy: str, log) -> None:
     if not bad:
         return
@@ -330,7 +343,6 @@ def data_cache_root(data: DataSection, storage_root: str) -> Path:
 def prepare_data(data: DataSection, tokenizer, *, seed: int, cache_root: Path, log=print) -> PreparedData:
     """Tokenized train/eval datasets, from the cache when the same data, tokenizer and settings
     were prepared before (by any run sharing the storage root)."""
-    from .storage import file_lock
     key = cache_key(data, tokenizer, seed)
     cache = Path(cache_root) / key
     # Ranks of one job and tasks of an array prepare the same data: one builds, the others reuse.
@@ -340,8 +352,6 @@ def prepare_data(data: DataSection, tokenizer, *, seed: int, cache_root: Path, l
 
 def _prepare_locked(data: DataSection, tokenizer, seed: int, cache: Path, log) -> PreparedData:
     import datasets
-
-    from .storage import atomic_write_json, read_json, staging_dir
 
     if (cache / "stats.json").exists():
         stats = read_json(cache / "stats.json")
@@ -362,12 +372,7 @@ def _prepare_locked(data: DataSection, tokenizer, seed: int, cache: Path, log) -
         eval_samples, _ = _samples(data.eval, data, tokenizer, eval_bad)
         _report_bad_rows(data.eval, eval_bad, data.bad_rows, log)
     elif data.validation_split > 0:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, int(round(len(train) * data.validation_split)))
-        held = set(order[:n_eval])
-        eval_samples = [s for i, s in enumerate(train) if i in held]
-        train = [s for i, s in enumerate(train) if i not in held]
+        train, eval_samples = hold_out(train, data.validation_split, seed)
     if not train:
         raise DataError(f"{data.train}: no usable training rows ({len(bad)} bad row(s))")
     lengths = [len(s["input_ids"]) for s in train]

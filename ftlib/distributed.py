@@ -1,8 +1,9 @@
-"""Distribution: DDP / DeepSpeed ZeRO / FSDP settings for the HF Trainer, and per-rank evidence.
+"""Distribution: this process's rank, the collectives ftlib needs, DDP / DeepSpeed ZeRO / FSDP
+settings for the HF Trainer, and per-rank evidence.
 
 Rank, world size and the rendezvous come from the launcher (torchrun locally, the Slurm
-allocation through submitit on a cluster: launch/job.py); this module only decides how the
-Trainer shards. Combinations that cannot work are refused with the reason before any work.
+allocation through submitit on a cluster: launch/job.py); this module reads them and decides how
+the Trainer shards. Combinations that cannot work are refused with the reason before any work.
 """
 from __future__ import annotations
 
@@ -16,6 +17,39 @@ from typing import Any
 from .config import ConfigError, RunConfig
 from .storage import atomic_write_json
 
+# ---------------------------------------------------------------------------- ranks
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True when any process has the flag: ranks must stop at the same step or they deadlock."""
+    import torch
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# ---------------------------------------------------------------------------- strategies
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 PRESET_NAMES = ("zero2", "zero3", "zero3_offload")
 

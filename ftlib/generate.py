@@ -19,11 +19,11 @@ template's end-of-turn token (templates.END_OF_TURN). Every input problem (a mis
 unknown adapter name, a malformed row) is found before the model loads and is reported as one line
 naming the file and row (exit status 2).
 
-`generate_text`, `stop_token_ids` and `render_prompt` are shared with the run report (report.py).
+The generation primitives (`generate_text`, `stop_token_ids`, `render_prompt`) live in
+inference.py, shared with the run report; the command line is parsed in cli.py.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -34,109 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import guarded
 from .config import ConfigError, RunConfig, load_config, validate
+from .console import quiet_progress_bars
 from .data import DataError
+from .inference import GenerationSettings, generate_text, place_on_gpu, render_prompt, stop_token_ids
+from .model import load_base_model, resolve_model_path
 from .storage import RunDir, atomic_write_text
-from .templates import END_OF_TURN, NAMED_TEMPLATES, template_name_of
+from .templates import NAMED_TEMPLATES
 
 BASE = "base"   # the reserved adapter name: the base model with every adapter disabled
-
-
-# ---------------------------------------------------------------------------- generation
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 128
-    greedy: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def describe(self) -> str:
-        if self.greedy:
-            return f"greedy, at most {self.max_new_tokens} new tokens"
-        return (f"sampling (temperature {self.temperature}, top-p {self.top_p}, seed {self.seed}), "
-                f"at most {self.max_new_tokens} new tokens")
-
-
-def template_name(tokenizer, configured: str | None = None) -> str | None:
-    """The named template (chatml, llama3, mistral) a tokenizer renders with, if it is one of ours."""
-    if configured in NAMED_TEMPLATES:
-        return configured
-    return template_name_of(getattr(tokenizer, "chat_template", None))
-
-
-def stop_token_ids(tokenizer, configured_template: str | None = None) -> list[int]:
-    """eos plus the end-of-turn tokens of the chat template.
-
-    For a template that is not one of ftlib's named ones, every known end-of-turn token that the
-    tokenizer has as a single token counts (<|im_end|>, <|eot_id|>)."""
-    name = template_name(tokenizer, configured_template)
-    names = END_OF_TURN[name] if name else sorted({t for ts in END_OF_TURN.values() for t in ts})
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for token in names:
-        if token in vocab and vocab[token] != tokenizer.unk_token_id and vocab[token] not in ids:
-            ids.append(int(vocab[token]))
-    return ids
-
-
-def render_prompt(tokenizer, *, messages: list[dict] | None = None, prompt: str | None = None
-                  ) -> tuple[str, bool]:
-    """(text, add_special_tokens): a chat rendered with the template (which writes BOS itself,
-    as in training), or raw text that the tokenizer encodes with its usual special tokens."""
-    if messages is not None:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, False
-    return prompt or "", True
-
-
-def model_device(model):
-    import torch
-    try:
-        return next(p.device for p in model.parameters() if p.device.type != "meta")
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def place_on_gpu(model):
-    """A model loaded without a device map (not quantized) goes to the GPU when there is one."""
-    import torch
-    if torch.cuda.is_available() and model_device(model).type == "cpu" and \
-            not getattr(model, "hf_device_map", None):
-        model = model.to("cuda")
-    return model
-
-
-def generate_text(model, tokenizer, text: str, *, add_special_tokens: bool, settings: GenerationSettings,
-                  stop_ids: list[int]) -> dict[str, Any]:
-    """One completion of `text`: {"output", "new_tokens", "stop": eos|end_of_turn|length}."""
-    import torch
-    from transformers import GenerationConfig
-
-    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
-    device = model_device(model)
-    input_ids = encoded["input_ids"].to(device)
-    attention_mask = encoded["attention_mask"].to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
-    # A fresh GenerationConfig: a model's own generation_config.json (sampling defaults of an
-    # instruct model) must not change what --greedy means.
-    values: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "eos_token_id": stop_ids or None,
-                              "pad_token_id": pad, "do_sample": not settings.greedy}
-    if not settings.greedy:
-        values.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-        torch.manual_seed(settings.seed)   # per prompt: an output depends on its prompt alone
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                             generation_config=GenerationConfig(**values))
-    new = out[0, input_ids.shape[1]:].tolist()
-    stop = "length"
-    if new and new[-1] in stop_ids:
-        stop = "eos" if new[-1] == tokenizer.eos_token_id else "end_of_turn"
-        new = new[:-1]
-    return {"output": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new), "stop": stop}
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -310,7 +216,6 @@ def load_switchable(cfg: RunConfig, base_path: str, adapters: list[Adapter], *, 
     """The base loaded once with every adapter attached by name."""
     from peft import PeftModel
 
-    from .model import load_base_model
     base = load_base_model(cfg, base_path, quantized=quantized)
     base = place_on_gpu(base) if not quantized else base
     first, *rest = adapters
@@ -388,30 +293,8 @@ def format_table(results: list[dict[str, Any]], rows: list[PromptRow], width: in
     return "\n".join(out).rstrip() + "\n"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="generate.py", description="Generate from one base model with several LoRA adapters, "
-        "switching adapters per prompt; writes JSONL and prints a side-by-side table.")
-    p.add_argument("--base", help="base model: hub id, local path or builtin:tiny-llama "
-                                  "(default: the first adapter run's model.name)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="a run directory or an adapter directory, by name (repeat)")
-    p.add_argument("--prompts", required=True, help='JSONL: {"adapter": NAME, "messages": [...]} or '
-                                                    '{"adapter": NAME, "prompt": "..."} a line')
-    p.add_argument("--out", help="write the generations here as JSONL")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-    p.add_argument("--temperature", type=float, help="sample at this temperature (> 0)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling (with --temperature)")
-    p.add_argument("--seed", type=int, help="sampling seed, set before each prompt (with --temperature)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--load-in-4bit", action="store_true",
-                   help="load the base in 4 bits (as QLoRA trained it) instead of the full dtype")
-    p.add_argument("--hf-cache", help="HF cache (default: the adapter run's storage.hf_cache)")
-    p.add_argument("--quiet", action="store_true", help="print no table")
-    return p
-
-
 def settings_from_args(args) -> GenerationSettings:
+    """Decoding settings from the command line's options, refusing combinations that mean nothing."""
     sampling = args.temperature is not None and args.temperature > 0
     if args.greedy and args.temperature is not None:
         raise ConfigError("--greedy and --temperature exclude each other")
@@ -427,12 +310,8 @@ def settings_from_args(args) -> GenerationSettings:
                               seed=args.seed if args.seed is not None else 0)
 
 
-@guarded
-def generate_main(argv: list[str] | None = None) -> int:
-    from .model import resolve_model_path
-    from .recipe import quiet_progress_bars
-
-    args = parser().parse_args(argv)
+def generate(args) -> int:
+    """The tool: load the base once, generate every prompt with its adapter(s), print and write."""
     settings = settings_from_args(args)
     adapters = parse_adapters(args.adapter)
     rows = read_prompts(args.prompts, [a.name for a in adapters])

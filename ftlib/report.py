@@ -21,12 +21,16 @@ import contextlib
 import io
 import math
 import os
-import random
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .storage import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .data import IGNORE_INDEX, Collator, data_cache_root, hold_out, prepare_data, read_rows, tokenized_rows
+from .inference import GenerationSettings, generate_text, model_device, place_on_gpu, render_prompt, stop_token_ids
+from .model import load_base_model, load_tokenizer, resolve_model_path, torch_dtype
+from .storage import (RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, checkpoint_step,
+                      newest_complete_checkpoint, read_json)
+from .templates import NAMED_TEMPLATES
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -40,7 +44,6 @@ def _quiet(_: str) -> None:
 # ---------------------------------------------------------------------------- held-out data
 def held_out_eval_dataset(cfg: RunConfig, tokenizer, log=_quiet):
     """The prepared eval split (from the data cache when training made it), or None."""
-    from .data import data_cache_root, prepare_data
     seed = int(cfg.training.get("seed", 42))
     return prepare_data(cfg.data, tokenizer, seed=seed, cache_root=data_cache_root(cfg.data, cfg.storage.root), log=log).eval
 
@@ -49,8 +52,7 @@ def held_out_samples(cfg: RunConfig, tokenizer) -> list[dict[str, Any]]:
     """The held-out samples as conversations or text, in the eval split's order.
 
     data.eval: that file's usable rows. validation_split: the same rows data.prepare_data holds
-    out (usable train rows, max_samples, then a shuffle with the training seed)."""
-    from .data import IGNORE_INDEX, read_rows, tokenized_rows
+    out, through the same split function (data.hold_out)."""
     data = cfg.data
 
     def usable(spec: str) -> list[dict[str, Any]]:
@@ -65,10 +67,7 @@ def held_out_samples(cfg: RunConfig, tokenizer) -> list[dict[str, Any]]:
     train = usable(data.train)
     if data.max_samples:
         train = train[: data.max_samples]
-    order = list(range(len(train)))
-    random.Random(int(cfg.training.get("seed", 42))).shuffle(order)
-    held = set(order[: max(1, int(round(len(train) * data.validation_split)))])
-    return [s for i, s in enumerate(train) if i in held]
+    return hold_out(train, data.validation_split, int(cfg.training.get("seed", 42)))[1]
 
 
 def split_prompt(tokenizer, sample: dict[str, Any]) -> dict[str, Any]:
@@ -91,9 +90,6 @@ def held_out_loss(model, dataset, pad_token_id: int, batch_size: int = 8) -> tup
     """(mean NLL per loss-carrying token, number of such tokens) over a prepared dataset."""
     import torch
     import torch.nn.functional as F
-
-    from .data import IGNORE_INDEX, Collator
-    from .generate import model_device
 
     collate = Collator(pad_token_id)
     device = model_device(model)
@@ -123,7 +119,6 @@ def _metrics(loss: float, tokens: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- loss curve
 def newest_trainer_state(run: RunDir) -> tuple[Path | None, dict | None]:
-    from .recipe import checkpoint_step, newest_complete_checkpoint
     newest = newest_complete_checkpoint(run)
     candidates = [newest] if newest is not None else sorted(
         (p for p in run.checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
@@ -229,15 +224,12 @@ def _free_memory() -> None:
 
 def _load_models(cfg: RunConfig, run: RunDir, base_path: str, quantized: bool):
     """(fine-tuned model, context manager that turns it into the base, or a separate base model)."""
-    from .generate import place_on_gpu
-    from .model import load_base_model
     base = load_base_model(cfg, base_path, quantized=quantized)
     if not quantized:
         base = place_on_gpu(base)
     if cfg.model.method == "full":
         from transformers import AutoModelForCausalLM
 
-        from .model import torch_dtype
         tuned = AutoModelForCausalLM.from_pretrained(str(run.merged), dtype=torch_dtype(cfg.model.dtype))
         return place_on_gpu(tuned).eval(), base.eval()
     from peft import PeftModel
@@ -253,9 +245,6 @@ def write_report(cfg: RunConfig, run_dir: str | os.PathLike, *, base_path: str |
     base_path, tokenizer, eval_dataset: what the recipe already has (else resolved, loaded and
     prepared from the config, the data coming from the data cache). quantized: evaluate on a
     4-bit base (default: as trained, i.e. for qlora)."""
-    from .generate import GenerationSettings, generate_text, render_prompt, stop_token_ids
-    from .model import load_tokenizer, resolve_model_path
-    from .templates import NAMED_TEMPLATES
 
     run = RunDir(Path(run_dir).resolve())
     base_path = base_path or resolve_model_path(cfg)

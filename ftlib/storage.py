@@ -1,4 +1,4 @@
-"""Run directory layout on shared storage, atomic writes and the manifest.
+"""Run directory on shared storage: layout, atomic writes, state, checkpoints and the manifest.
 
 Every file another process may read (a status command on the login node, a requeued job, an
 export re-run) is written under a temporary name in the same directory, fsynced, then renamed:
@@ -12,11 +12,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
+COMPLETE_MARKER = "ftlib_complete.json"   # in checkpoint-N/, written after the Trainer saved it
 
 
 def fsync_dir(path: Path) -> None:
@@ -190,6 +192,55 @@ class RunDir:
         return self
 
 
+def update_state(run: RunDir, **fields: Any) -> dict[str, Any]:
+    """Merge `fields` into state.json (the small file that status.py and requeued jobs read).
+
+    Only one process writes a run's state at a time (rank 0 of its one job), so read-merge-write
+    under an atomic rename is enough: a reader sees the old state or the new one."""
+    state = read_json(run.state, default={}) or {}
+    state.update(fields)
+    atomic_write_json(run.state, state)
+    return state
+
+
+def reset_run(run: RunDir) -> None:
+    """training.overwrite_output_dir: forget checkpoints, artifacts and W&B id; start afresh."""
+    for path in (run.checkpoints, run.artifacts, run.wandb, run.tensorboard):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (run.manifest, run.state, run.root / "wandb_run_id"):
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_step(path: Path) -> int:
+    """The step of a Trainer checkpoint directory (checkpoint-N), or -1."""
+    try:
+        return int(path.name.split("-")[-1])
+    except ValueError:
+        return -1
+
+
+def mark_checkpoint_complete(path: Path, step: int) -> None:
+    """Make checkpoint-N eligible for resume; called once every rank has written its part."""
+    atomic_write_json(path / COMPLETE_MARKER, {"step": step, "time": time.time()})
+
+
+def checkpoints_newest_first(run: RunDir) -> list[Path]:
+    if not run.checkpoints.is_dir():
+        return []
+    return sorted((p for p in run.checkpoints.glob("checkpoint-*") if p.is_dir()),
+                  key=checkpoint_step, reverse=True)
+
+
+def newest_complete_checkpoint(run: RunDir) -> Path | None:
+    """Only checkpoints that carry ftlib's marker, written after the Trainer finished saving them."""
+    for path in checkpoints_newest_first(run):
+        if (path / COMPLETE_MARKER).exists():
+            return path
+    return None
+
+
+# ---------------------------------------------------------------------------- manifest
 def file_entries(root: Path, under: Path) -> list[dict[str, Any]]:
     """Size and sha256 of every file below `under`, paths relative to `root`, sorted."""
     entries = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ftlib.export.reexport import export_main  # noqa: E402
+from ftlib.cli import export_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ftlib.generate import generate_main  # noqa: E402
+from ftlib.cli import generate_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(generate_main())

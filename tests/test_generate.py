@@ -104,7 +104,7 @@ def test_switching_adapters_matches_each_adapter_alone(two_adapters, hf_cache):
 
 
 def test_sampling_is_reproducible_with_a_seed(two_adapters, hf_cache):
-    from ftlib.generate import generate_main
+    from ftlib.cli import generate_main
 
     root, reverse, summed = two_adapters
     prompts = root / "one.jsonl"
@@ -133,7 +133,7 @@ GOOD = {"adapter": "a", "messages": [{"role": "user", "content": "hi"}]}
     (["[1, 2]"], 1, "not a JSON object"),
 ])
 def test_bad_prompt_rows_name_the_row_and_exit_2(tmp_path, capsys, lines, row, message):
-    from ftlib.generate import generate_main
+    from ftlib.cli import generate_main
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -147,7 +147,7 @@ def test_bad_prompt_rows_name_the_row_and_exit_2(tmp_path, capsys, lines, row, m
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
-    from ftlib.generate import generate_main
+    from ftlib.cli import generate_main
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from ..model import merge_adapter, torch_dtype
 from ..storage import RunDir, staging_dir, write_manifest
+from .gguf import export_gguf
+from .ollama import write_modelfile
 
 
 def save_trained(trainer, tokenizer, final: Path) -> Path:
@@ -30,7 +33,6 @@ def save_trained(trainer, tokenizer, final: Path) -> Path:
 
 
 def save_merged(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, log=print) -> Path:
-    from ..model import merge_adapter, torch_dtype
     merged = merge_adapter(cfg, base_path, run.adapter, dtype=torch_dtype(cfg.export.merged_dtype))
     with staging_dir(run.merged) as tmp:
         merged.save_pretrained(str(tmp))
@@ -48,7 +50,6 @@ def export_derived(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, *, fo
             save_merged(cfg, run, base_path, tokenizer, log=log)
         made["merged"] = str(run.merged)
     if cfg.export.gguf:
-        from .gguf import export_gguf
         run.gguf.mkdir(parents=True, exist_ok=True)
         files = []
         for qtype in cfg.export.gguf:
@@ -62,7 +63,6 @@ def export_derived(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, *, fo
             files.append(str(out))
         made["gguf"] = files
         if cfg.export.ollama:
-            from .ollama import write_modelfile
             system = cfg.export.system_prompt or cfg.data.system_prompt
             write_modelfile(run.modelfile, Path(files[0]).name, tokenizer, system=system)
             made["modelfile"] = str(run.modelfile)

@@ -1,17 +1,21 @@
-"""Re-make the exports of a finished run from its config.yaml and adapter (jobs/export.py).
+"""Re-make the exports of a finished run from its config.yaml and adapter (jobs/export.py; the
+command line is parsed in cli.py).
 
 A complete export that matches its manifest is left alone; missing or changed files are made
 again; the manifest is removed while repairing and written last."""
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
 
-from ..cli import guarded
 from ..config import ConfigError, load_config
+from ..console import quiet_progress_bars
+from ..model import load_tokenizer, resolve_model_path
+from ..report import write_report
 from ..storage import RunDir, file_lock, read_json, sha256_file, write_manifest
+from .gguf import GGUF_TYPES, check_gguf_types, normalize_type
+from .publish import export_derived
 
 
 def damaged_files(run: RunDir, manifest: dict) -> list[str]:
@@ -25,7 +29,6 @@ def damaged_files(run: RunDir, manifest: dict) -> list[str]:
 
 
 def _gguf_type_of(cfg, name: str) -> str | None:
-    from ftlib.export.gguf import GGUF_TYPES
     prefix = f"{cfg.name}-"
     if name.startswith(prefix) and name.endswith(".gguf") and name[len(prefix):-5] in GGUF_TYPES:
         return name[len(prefix):-5]
@@ -68,7 +71,6 @@ def reexport(run_dir: str | os.PathLike, *, gguf: str | None = None, ollama: boo
     cfg = load_config(run.config)
     requested: list[str] = []
     if gguf is not None:
-        from ftlib.export.gguf import normalize_type
         try:
             requested = [normalize_type(t) for t in gguf.split(",") if t.strip()]
         except ValueError as exc:
@@ -107,7 +109,6 @@ def reexport(run_dir: str | os.PathLike, *, gguf: str | None = None, ollama: boo
         to_make = [q for q in cfg.export.gguf if force or run.gguf / f"{cfg.name}-{q}.gguf" in missing
                    or f"{run.gguf.relative_to(run.root)}/{cfg.name}-{q}.gguf" in damaged]
         if to_make:
-            from ftlib.export.gguf import check_gguf_types
             try:
                 check_gguf_types(to_make)   # a K-quant needs llama-quantize: say so before any work
             except ValueError as exc:
@@ -133,9 +134,6 @@ def reexport(run_dir: str | os.PathLike, *, gguf: str | None = None, ollama: boo
                     shutil.rmtree(run.merged, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
-            from ftlib.export.publish import export_derived
-            from ftlib.model import load_tokenizer, resolve_model_path
-            from ftlib.recipe import quiet_progress_bars
             quiet_progress_bars()
             base_path = resolve_model_path(cfg)
             tokenizer = load_tokenizer(cfg, base_path)
@@ -148,27 +146,6 @@ def reexport(run_dir: str | os.PathLike, *, gguf: str | None = None, ollama: boo
             log(f"export: manifest -> {run.manifest}")
             status = "updated"
     if report:
-        from ftlib.recipe import quiet_progress_bars
-        from ftlib.report import write_report
         quiet_progress_bars()
         write_report(cfg, run.root, log=log)
     return status
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="export.py", description="(Re)make a finished run's exports (merged "
-                                "model, GGUF, Ollama Modelfile) and its manifest from its config and adapter.")
-    p.add_argument("run_dir", help="the run directory (<storage.root>/<name>)")
-    p.add_argument("--gguf", metavar="TYPES", help="GGUF types, comma-separated (f16,bf16,q8_0,q4_k_m,...); "
-                                                   "default: the run's export.gguf")
-    p.add_argument("--ollama", action="store_true", help="also write the Ollama Modelfile")
-    p.add_argument("--force", action="store_true", help="re-make every export even when complete")
-    p.add_argument("--report", action="store_true", help="also write the run report (report.md)")
-    return p
-
-
-@guarded
-def export_main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    reexport(args.run_dir, gguf=args.gguf, ollama=args.ollama, force=args.force, report=args.report)
-    return 0

@@ -4,7 +4,7 @@ Preemption and time limits: Slurm sends USR2 `slurm.signal_delay_s` seconds befo
 submitit's own handler would call checkpoint() in the middle of an optimizer step and run
 `scontrol requeue` in the job process, which may be in a container without Slurm's client. ftlib
 instead sets a flag, lets the Trainer finish the step and save a complete checkpoint, leaves a
-requeue marker, and exits; the batch script, on the host, requeues the job (slurm.requeue_trap).
+requeue marker, and exits; the batch script, on the host, requeues the job (launch/requeue.py).
 The requeued job resumes from that checkpoint with the same W&B run.
 
 SIGTERM is what Slurm sends on `scontrol requeue`, on preemption without --signal, and on scancel,
@@ -23,17 +23,16 @@ from typing import Any
 
 import submitit
 
+from ..callbacks import StopRequest
 from ..config import RunConfig
-from ..recipe import StopRequest, is_main_process, run_recipe
-from ..storage import RunDir, atomic_write_json, atomic_write_text, read_json
+from ..distributed import is_main_process
+from ..recipe import run_recipe
+from ..storage import RunDir, update_state
+from .requeue import ask_for_requeue, check_restart_budget
 
 
 SIGTERM_REASON = "signal SIGTERM"
 INTERRUPTED_EXIT_STATUS = 3   # stopped early with a checkpoint; srun reports "exit code 3"
-
-
-class RequeueLimitExceeded(RuntimeError):
-    pass
 
 
 def _log(line: str) -> None:
@@ -45,10 +44,6 @@ def slurm_job_id() -> str | None:
     if os.environ.get("SLURM_ARRAY_JOB_ID"):
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
     return os.environ.get("SLURM_JOB_ID")
-
-
-def restart_count() -> int:
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 def export_distributed_env() -> None:
@@ -66,17 +61,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = self.cfg
         run = RunDir(cfg.run_root)
         export_distributed_env()
-        restarts = restart_count()
-        if restarts > cfg.slurm.max_requeues:
-            raise RequeueLimitExceeded(
-                f"run {cfg.name} was requeued {restarts} times, more than slurm.max_requeues="
-                f"{cfg.slurm.max_requeues}; its checkpoints are in {run.checkpoints}. Raise slurm.time or "
-                f"slurm.max_requeues and submit again: it resumes from the newest checkpoint")
+        restarts = check_restart_budget(cfg.name, run.checkpoints, cfg.slurm.max_requeues)
         if is_main_process():
-            state = read_json(run.state, default={}) or {}
-            atomic_write_json(run.state, dict(state, status="running", requeues=restarts,
-                                              job_id=slurm_job_id(),
-                                              host=os.uname().nodename))
+            update_state(run, status="running", requeues=restarts, job_id=slurm_job_id(),
+                         host=os.uname().nodename)
         stop = StopRequest()
         signal.signal(signal.SIGUSR2, lambda signum, frame: stop.set("signal SIGUSR2"))
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set(SIGTERM_REASON))
@@ -93,18 +81,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             _log(f"checkpoint saved at step {result.global_step}; Slurm is ending the job (SIGTERM): "
                  "a requeue resumes from this checkpoint")
         else:
-            self.ask_for_requeue()
+            ask_for_requeue(self.requeue_dir)
             _log(f"checkpoint saved at step {result.global_step}; the batch script requeues the job")
         # No result file: the job is not over, and `submit --wait` must keep waiting (submitit
         # counts a job with a result file as done).
         sys.stdout.flush()
         sys.exit(INTERRUPTED_EXIT_STATUS)
-
-    def ask_for_requeue(self) -> None:
-        from .slurm import requeue_marker
-        if self.requeue_dir is None:
-            raise RuntimeError("this job was submitted without a requeue directory; resubmit it to resume")
-        atomic_write_text(requeue_marker(self.requeue_dir, os.environ["SLURM_JOB_ID"]), "requeue\n")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # Only reached if USR2 comes before __call__ installs ftlib's handler. The Trainer

@@ -4,12 +4,11 @@ from __future__ import annotations
 import sys
 
 from .local import run_local
-from .multiproc import load_resolved
+from .multiproc import load_handoff
 
 
 def main() -> int:
-    cfg = load_resolved(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else sys.argv[1])
-    result = run_local(cfg)
+    result = run_local(load_handoff(sys.argv[1]))
     return 0 if result.status in ("completed", "already-complete") else 1
 
 

@@ -11,10 +11,12 @@ import contextlib
 
 import pytest
 
-from ftlib import preflight as pf
-from ftlib.preflight import (GiB, PreflightError, check_fits, count_params, data_statistics,
-                             estimate_memory, estimate_step_time, flops_per_token, format_report,
-                             gpu_memory_gib, lora_param_count, method_advice, mfu, resolve_gpu)
+from ftlib.preflight.gpus import (GPU_MEMORY_GIB, check_fits, estimate_step_time, flops_per_token,
+                                  gpu_memory_gib, method_advice, mfu, resolve_gpu)
+from ftlib.preflight.memory import estimate_memory
+from ftlib.preflight.report import format_report
+from ftlib.preflight.shape import GiB, PreflightError, count_params, lora_param_count
+from ftlib.preflight.stats import data_statistics
 
 MISTRAL_7B = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -177,9 +179,9 @@ def test_unknown_gpu_is_a_value_error():
     with pytest.raises(ValueError, match="unknown GPU type 'a1000'"):
         gpu_memory_gib("a1000")
     assert resolve_gpu("a100").name == "a100-80g"
-    assert set(pf.GPU_MEMORY_GIB) >= {"a100-40g", "a100-80g", "a100", "h100", "h100-80g",
-                                      "h200", "l40s", "a10", "a6000", "v100-32g", "v100",
-                                      "rtx4090", "t4"}
+    assert set(GPU_MEMORY_GIB) >= {"a100-40g", "a100-80g", "a100", "h100", "h100-80g",
+                                   "h200", "l40s", "a10", "a6000", "v100-32g", "v100",
+                                   "rtx4090", "t4"}
 
 
 def test_bf16_on_a_gpu_without_bf16_is_noted():
@@ -302,7 +304,7 @@ def test_base_weight_bytes_match_bitsandbytes(tiny_dir, double_quant):
     est = estimate_memory(tiny_dir, method="qlora", compute_dtype="float32",
                           double_quant=double_quant).base_weights
     assert abs(est - measured) / measured < 0.15
-    assert est == measured          # exact with bitsandbytes 0.50 (see _nf4_bytes)
+    assert est == measured          # exact with bitsandbytes 0.50 (see model_state.nf4_bytes)
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,27 @@
 """Preflight for a RunConfig: estimate GPU memory from the model's config.json before the job
 waits in a queue, print it with --dry-run, refuse a submission that cannot fit the GPU type asked
-for (preflight.py does the arithmetic; this module maps the run config onto it)."""
+for (the package's other modules do the arithmetic; this one maps the run config onto it)."""
 from __future__ import annotations
 
 import itertools
 from typing import Any
 
 from ..config import ConfigError, RunConfig
+from ..data import is_local_file, read_rows, tokenized_rows
 from ..distributed import deepspeed_config, zero_stage
+from .gpus import check_fits, estimate_step_time, method_advice
+from .memory import estimate_memory
+from .report import format_report
+from .shape import PreflightError
+from .stats import data_statistics as length_statistics
 
 DATA_SAMPLE_ROWS = 5000   # --dry-run tokenizes at most this many rows: seconds, not minutes
 
 
 def model_config(cfg: RunConfig) -> Any | None:
     """The model's HF config (config.json only: small, cached), or None when it cannot be read."""
+    # Imported here, not at the top: transformers (and ftlib.model, which pulls in torch) take
+    # seconds to import, and the CLI imports this module for every submission.
     from transformers import AutoConfig
 
     from ..model import resolve_model_path
@@ -25,7 +33,6 @@ def model_config(cfg: RunConfig) -> Any | None:
 
 
 def estimate(cfg: RunConfig, model_cfg: Any):
-    from ..preflight import estimate_memory
     t, q = cfg.training, cfg.quantization
     compute = q.get("bnb_4bit_compute_dtype") or ("bfloat16" if t.get("bf16") else
                                                   "float16" if t.get("fp16") else "float32")
@@ -47,8 +54,7 @@ def estimate(cfg: RunConfig, model_cfg: Any):
 def training_lengths(cfg: RunConfig, max_rows: int = DATA_SAMPLE_ROWS) -> tuple[list[int], int]:
     """Token lengths (before truncation) of the first max_rows usable rows of data.train, rendered
     and tokenized exactly as training does, and the number of rows in the file. Writes nothing."""
-    from ..data import read_rows, tokenized_rows
-    from ..model import load_tokenizer, resolve_model_path
+    from ..model import load_tokenizer, resolve_model_path   # here for start-up time (torch)
     tokenizer = load_tokenizer(cfg, resolve_model_path(cfg))
     rows, _ = read_rows(cfg.data.train, cfg.data)
     usable = tokenized_rows(rows, cfg.data, tokenizer)   # bad rows are skipped: the job reports them
@@ -57,8 +63,6 @@ def training_lengths(cfg: RunConfig, max_rows: int = DATA_SAMPLE_ROWS) -> tuple[
 
 def data_statistics(cfg: RunConfig) -> tuple[dict | None, str]:
     """(statistics, a note) for the report; None with the reason when they cannot be had here."""
-    from ..data import is_local_file
-    from ..preflight import data_statistics as statistics
     if not is_local_file(cfg.data.train):
         return None, (f"data: {cfg.data.train} is a hub dataset: not read here; the job logs its samples, "
                       "truncations and rows")
@@ -73,7 +77,7 @@ def data_statistics(cfg: RunConfig) -> tuple[dict | None, str]:
     note += f" (packing {'on' if cfg.data.packing else 'off'}: {'packed' if cfg.data.packing else 'dynamic'} " \
             "padding applies)"
     micro_batch = int(cfg.training.get("per_device_train_batch_size", 8))
-    return statistics(lengths, cfg.data.max_length, micro_batch), note
+    return length_statistics(lengths, cfg.data.max_length, micro_batch), note
 
 
 def preflight(cfg: RunConfig, *, with_data: bool = False) -> str:
@@ -81,7 +85,6 @@ def preflight(cfg: RunConfig, *, with_data: bool = False) -> str:
 
     with_data (--dry-run) adds the training data's length statistics: tokenizing is quick, but it
     is the user's data, so it is read only when asked."""
-    from ..preflight import PreflightError, check_fits, estimate_step_time, format_report, method_advice
     model_cfg = model_config(cfg)
     if model_cfg is None:
         return (f"# preflight: skipped, the config of {cfg.model.name} is not readable here "

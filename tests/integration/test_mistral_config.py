@@ -12,8 +12,10 @@ import pytest
 
 from conftest import REPO, SAMPLE_DATA, subprocess_env
 from ftlib.storage import RunDir, verify_manifest
-from test_gguf import _field, _reader
-from test_ollama import renderer  # noqa: F401  (the Go text/template fixture)
+
+sys.path.insert(0, str(REPO / "tests" / "export"))   # the GGUF reader and Go template fixture live there
+from test_gguf import _field, _reader  # noqa: E402
+from test_ollama import renderer  # noqa: E402,F401  (the Go text/template fixture)
 
 CPU_DEBUG = ["model.name=builtin:tiny-mistral-spm", "training.bf16=false",
              "quantization.bnb_4bit_compute_dtype=float32", "training.optim=adamw_torch",

@@ -13,7 +13,7 @@ from conftest import REPO, TINY_CONFIG
 from ftlib.config import load_config
 from ftlib.launch.slurm import make_plan, sbatch_script
 
-GOLDEN = Path(__file__).parent / "golden" / "sbatch"
+GOLDEN = REPO / "tests" / "golden" / "sbatch"
 CASES = {
     "one_gpu": (REPO / "configs" / "mistral.yaml", ["slurm.partition=gpu", "slurm.account=proj42"]),
     "two_nodes_four_gpus": (REPO / "configs" / "mistral.yaml",

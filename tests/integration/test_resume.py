@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from ftlib.recipe import StopRequest, newest_complete_checkpoint, run_recipe
-from ftlib.storage import RunDir
+from ftlib.callbacks import StopRequest
+from ftlib.recipe import run_recipe
+from ftlib.storage import RunDir, newest_complete_checkpoint
 
 
 class StopAt(TrainerCallback):
@@ -59,13 +60,14 @@ def test_interrupted_run_resumes_to_identical_adapter_and_one_wandb_run(tiny_con
 
 
 def test_overwrite_output_dir_starts_afresh(tiny_config, tmp_path):
-    from ftlib.cli import run_local_mode
+    from ftlib.launch.local import run_local_plan
+    from ftlib.plan import prepare_runs
 
     root = tmp_path / "runs"
     first = run_recipe(tiny_config("training.max_steps=10", root=root), log=lambda _: None)
     old_id = first.wandb_run_id
     cfg = tiny_config("training.max_steps=10", "training.overwrite_output_dir=true", root=root)
-    assert run_local_mode(cfg) == 0
+    assert run_local_plan(prepare_runs([cfg])) == 0   # what submit --local does
     run = RunDir(first.run_dir)
     assert run.manifest.exists()
     assert (run.root / "wandb_run_id").read_text().strip() != old_id
