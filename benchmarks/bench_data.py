@@ -12,6 +12,11 @@ not. This module draws rows of that shape from a seeded generator, with no downl
   truncated, as in real data;
 - ~25% of rows carry an `input` paragraph (log-normal, median ~30 words).
 
+That is the default draw, "long-tailed" (~75% padding when every example is padded to 512 tokens).
+The draw "half-padded" shifts the mix to longer answers (75% open-ended, median ~165 words,
+sigma 0.5), so padding every example to 512 wastes about half the positions: the regime where
+packing gains least and ftlib's cost per position fed matters most (issue 11).
+
 The vocabulary is mostly the words the builtin tiny tokenizer knows (about one token a word), and
 the text follows simple patterns, so a tiny model's loss falls within a few dozen steps.
 """
@@ -73,19 +78,29 @@ def _lognormal_words(rng: random.Random, median: float, sigma: float, lo: int, h
     return int(min(hi, max(lo, round(math.exp(rng.gauss(math.log(median), sigma))))))
 
 
-def make_row(rng: random.Random) -> dict[str, str]:
+# The mix of each draw: cumulative shares of reverse / add / opposite / list rows (the rest is
+# open-ended), and the open-ended answer length in words (log-normal median, sigma).
+DRAWS = {
+    "long-tailed": {"cumulative": (0.15, 0.28, 0.40, 0.60), "median_words": 90, "sigma": 0.8},
+    "half-padded": {"cumulative": (0.05, 0.09, 0.12, 0.25), "median_words": 165, "sigma": 0.5},
+}
+
+
+def make_row(rng: random.Random, draw: str = "long-tailed") -> dict[str, str]:
+    mix = DRAWS[draw]
+    c1, c2, c3, c4 = mix["cumulative"]
     u = rng.random()
     word = rng.choice(NOUNS + ADJECTIVES)
-    if u < 0.15:
+    if u < c1:
         row = {"instruction": "Reverse the word.", "input": word, "output": word[::-1]}
-    elif u < 0.28:
+    elif u < c2:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         row = {"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": f"The sum is {a + b}."}
-    elif u < 0.40:
+    elif u < c3:
         key = rng.choice(sorted(OPPOSITES))
         row = {"instruction": f"What is the opposite of {key}?", "input": "",
                "output": f"The opposite of {key} is {OPPOSITES[key]}."}
-    elif u < 0.60:
+    elif u < c4:
         k = rng.randint(3, 20)
         place = rng.choice(PLACES)
         items = [f"{i + 1}. the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}" for i in range(k)]
@@ -95,7 +110,7 @@ def make_row(rng: random.Random) -> dict[str, str]:
         template = rng.choice(OPEN_ENDED)
         instruction = template.format(adj=rng.choice(ADJECTIVES), noun=rng.choice(NOUNS),
                                       season=rng.choice(SEASONS), place=rng.choice(PLACES))
-        words = _lognormal_words(rng, 90, 0.8, 8, 900)
+        words = _lognormal_words(rng, mix["median_words"], mix["sigma"], 8, 900)
         extra = ""
         if template == "Summarize the text.":
             extra = _paragraph(rng, _lognormal_words(rng, 120, 0.6, 30, 300))
@@ -106,9 +121,9 @@ def make_row(rng: random.Random) -> dict[str, str]:
     return row
 
 
-def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+def make_rows(n: int, seed: int = 0, draw: str = "long-tailed") -> list[dict[str, str]]:
     rng = random.Random(seed)
-    return [make_row(rng) for _ in range(n)]
+    return [make_row(rng, draw) for _ in range(n)]
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
@@ -129,7 +144,7 @@ def length_summary(values: list[int]) -> dict[str, float]:
             "p90": pct(0.90), "p99": pct(0.99), "max": ordered[-1], "min": ordered[0]}
 
 
-if __name__ == "__main__":  # python benchmarks/bench_data.py OUT.jsonl [N]
+if __name__ == "__main__":  # python benchmarks/bench_data.py OUT.jsonl [N [DRAW]]
     import sys
     out, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-    print(write_jsonl(out, make_rows(n)))
+    print(write_jsonl(out, make_rows(n, draw=sys.argv[3] if len(sys.argv) > 3 else "long-tailed")))

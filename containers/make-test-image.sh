@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # make-test-image.sh DIR: a small Charliecloud directory image for ftlib's tests on a CPU machine.
 #
-# THIS IS A TEST IMAGE. Jobs run in the image built from containers/ftlib.def (Apptainer, GPU
-# nodes) or containers/Dockerfile (enroot/pyxis, Charliecloud). This one exists so that tests can
-# run ftlib's real container launch (ch-run, binds, environment filtering) on a machine where no
-# real image can be built.
+# THIS IS A TEST IMAGE. Jobs run in the image built by containers/build.sh or from
+# containers/ftlib.def (Apptainer) or containers/Dockerfile (enroot/pyxis, Charliecloud). This one
+# exists so that tests can run ftlib's Charliecloud launch (ch-run, binds, environment filtering)
+# with this machine's python in well under a second, without building the job image.
 #
 # The image is a skeleton (a few KB, made in well under a second): the host's /usr, the
 # interpreter's prefix and the venv are not copied but bound in by ch-run at the same paths.

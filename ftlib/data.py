@@ -20,22 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from . import data_rows as kinds
 from .config import ConfigError, DataSection
+# Rows -> samples and their account live in data_rows.py; callers use them through this module.
+from .data_rows import BadRow, DataError, RowAccount, RowError, to_sample  # noqa: F401
+from .hub_cache import hub_dataset_source
 from .storage import atomic_write_json, file_lock, read_json, staging_dir
 
 IGNORE_INDEX = -100
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-CACHE_VERSION = 3  # bump when the tokenized layout changes, so old caches are not reused
-
-
-class DataError(ValueError):
-    """Bad data that the policy says is fatal; one line naming the file and row."""
-
-
-@dataclass
-class BadRow:
-    row: int            # 1-based: the line of a JSONL file, the record of other formats
-    reason: str
+CACHE_VERSION = 4  # bump when the tokenized layout or stats.json changes, so old caches are not reused
 
 
 @dataclass
@@ -53,13 +47,17 @@ def is_local_file(spec: str) -> bool:
     return Path(spec).suffix.lower() in DATA_FILE_TYPES
 
 
-def check_data_paths(data: DataSection, source: str) -> None:
-    """Fail before any work starts when a named data file does not exist."""
+def check_data_paths(data: DataSection, source) -> None:
+    """Fail before any work starts when a named data file does not exist. `source` names where
+    the values came from: a string, or RunConfig.where (the file or the command line, per key)."""
     for key in ("train", "eval"):
         spec = getattr(data, key)
+        where = source(f"data.{key}") if callable(source) else source
         if spec and is_local_file(spec) and not Path(spec).expanduser().is_file():
-            raise ConfigError(f"{source}: data.{key}: file not found: {spec}; check the path "
+            raise ConfigError(f"{where}: data.{key}: file not found: {spec}; check the path "
                               "(relative paths are relative to the directory you run from)")
+        if spec and is_local_file(spec) and Path(spec).expanduser().stat().st_size == 0:
+            raise ConfigError(f"{where}: data.{key}: {spec} is empty (0 bytes); point data.{key} at the data")
 
 
 def read_rows(spec: str, data: DataSection) -> tuple[list[tuple[int, Any]], list[BadRow]]:
@@ -75,10 +73,10 @@ def read_rows(spec: str, data: DataSection) -> tuple[list[tuple[int, Any]], list
                     continue
                 try:
                     rows.append((number, json.loads(raw.decode("utf-8"))))
-                except UnicodeDecodeError:
-                    bad.append(BadRow(number, "not valid UTF-8 text"))
+                except UnicodeDecodeError as exc:
+                    bad.append(BadRow(number, f"not valid UTF-8 text (byte {exc.start})", kinds.NOT_UTF8))
                 except json.JSONDecodeError as exc:
-                    bad.append(BadRow(number, f"not valid JSON ({exc.msg})"))
+                    bad.append(BadRow(number, f"not valid JSON ({exc.msg}, column {exc.colno})", kinds.NOT_JSON))
         return rows, bad
     import datasets
     if is_local_file(spec):
@@ -86,66 +84,31 @@ def read_rows(spec: str, data: DataSection) -> tuple[list[tuple[int, Any]], list
     elif path.is_dir():
         ds = datasets.load_from_disk(str(path))
     else:  # a hub dataset id; offline nodes read it from the shared cache (jobs/prefetch.py)
-        ds = datasets.load_dataset(spec, data.subset, split=data.split)
+        # Offline, datasets looks only at copies it prepared itself; hub_dataset_source points it
+        # at the snapshot that jobs/prefetch.py put in the shared HF cache.
+        ds = datasets.load_dataset(hub_dataset_source(spec), data.subset, split=data.split)
     return [(i + 1, record) for i, record in enumerate(ds)], []
 
 
-# ---------------------------------------------------------------------------- formats
-def _text(record: dict, key: str) -> str | None:
-    value = record.get(key)
-    return value if isinstance(value, str) else None
-
-
-def to_sample(record: Any, data: DataSection) -> dict[str, Any]:
-    """A conversation {'messages': [...]} or {'text': ...}; raises ValueError with the reason."""
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-    system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
-    if data.format == "alpaca":
-        instruction, output = _text(record, "instruction"), _text(record, "output")
-        if not instruction or not instruction.strip():
-            raise ValueError("missing or empty field 'instruction'")
-        if output is None or not output.strip():
-            raise ValueError("missing or empty field 'output'")
-        extra = record.get("input")
-        if extra is None or (isinstance(extra, float) and extra != extra):  # CSV/Parquet empty cell
-            extra = ""
-        if not isinstance(extra, str):
-            raise ValueError("field 'input' is not text")
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return {"messages": system + [{"role": "user", "content": prompt},
-                                      {"role": "assistant", "content": output}]}
-    if data.format == "chat":
-        messages = record.get("messages", record.get("conversations"))
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("missing or empty field 'messages'")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise ValueError(f"message {i}: role must be system, user or assistant")
-            if not isinstance(message.get("content"), str):
-                raise ValueError(f"message {i}: content is not text")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-            raise ValueError("no assistant message with content")
-        if system and messages[0]["role"] != "system":
-            messages = system + messages
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
-    text = _text(record, "text")
-    if not text or not text.strip():
-        raise ValueError("missing or empty field 'text'")
-    return {"text": text}
-
-
 # ---------------------------------------------------------------------------- rendering, tokens
+def _render(tokenizer, messages: list[dict], **kwargs) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as exc:   # the template's own refusal (jinja2's raise_exception, ...): this row's
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RowError(kinds.TEMPLATE_ERROR, f"the chat template cannot render it: {first}") from None
+
+
 def render_conversation(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of the assistant turns (with their
-    end-of-turn tokens), found by rendering prefixes."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    end-of-turn tokens), found by rendering prefixes. A row the template refuses is a RowError."""
+    full = _render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1])
         if not full.startswith(upto) or not upto.startswith(prompt):
             raise ConfigError("data.chat_template: the chat template is not prefix-consistent, so "
                               "assistant turns cannot be located; set data.chat_template to chatml, "
@@ -273,30 +236,33 @@ def cache_key(data: DataSection, tokenizer, seed: int) -> str:
 
 def tokenized_rows(rows: Iterable[tuple[int, Any]], data: DataSection, tokenizer,
                    bad: list[BadRow] | None = None) -> Iterator[tuple[int, dict, dict]]:
-    """(row number, sample, tokens) for each row that makes a sample; a row that does not goes,
-    with the reason, to `bad` (when given). Lazy: a caller may stop early."""
+    """(row number, sample, tokens) for each row that makes a sample; a row that does not, in
+    to_sample or when rendered, goes with the reason to `bad` (when given). Lazy: a caller may
+    stop early."""
     for number, record in rows:
         try:
             sample = to_sample(record, data)
-        except ValueError as exc:
+            tokens = tokenize_sample(tokenizer, sample, data)
+        except RowError as exc:
             if bad is not None:
-                bad.append(BadRow(number, str(exc)))
+                bad.append(BadRow(number, str(exc), exc.category))
             continue
-        yield number, sample, tokenize_sample(tokenizer, sample, data)
+        yield number, sample, tokens
 
 
-def _samples(spec: str, data: DataSection, tokenizer, bad: list[BadRow]) -> tuple[list[dict], int]:
+def _samples(spec: str, data: DataSection, tokenizer) -> tuple[list[dict], RowAccount]:
+    """The usable samples of a file (each with its row number) and the account of its rows."""
     rows, unreadable = read_rows(spec, data)
-    bad.extend(unreadable)
-    out, truncated = [], 0
-    for number, _, tokens in tokenized_rows(rows, data, tokenizer, bad):
-        if tokens["full_length"] > data.max_length:
-            truncated += 1
+    account = RowAccount(spec, rows=len(rows) + len(unreadable), bad=list(unreadable))
+    out = []
+    for number, _, tokens in tokenized_rows(rows, data, tokenizer, account.bad):
         if all(label == IGNORE_INDEX for label in tokens["labels"]):
-            bad.append(BadRow(number, f"no response tokens left within data.max_length={data.max_length}"))
+            account.bad.append(BadRow(number, f"no response tokens left within data.max_length={data.max_length} "
+                                              f"(the row has {tokens['full_length']} tokens)", kinds.NO_LOSS))
             continue
-        out.append(tokens)
-    return out, truncated
+        out.append(dict(tokens, row=number))
+    account.check(data.bad_rows, data.max_bad_fraction)
+    return out, account
 
 
 def hold_out(samples: list, validation_split: float, seed: int) -> tuple[list, list]:
@@ -309,19 +275,6 @@ def hold_out(samples: list, validation_split: float, seed: int) -> tuple[list, l
     held = set(order[: max(1, int(round(len(samples) * validation_split)))])
     return ([s for i, s in enumerate(samples) if i not in held],
             [s for i, s in enumerate(samples) if i in held])
-
-
-def _report_bad_rows(spec: str, bad: list[BadRow], policy: str, log) -> None:
-    if not bad:
-        return
-    bad.sort(key=lambda b: b.row)
-    if policy == "fail":
-        first = bad[0]
-        raise DataError(f"{spec}: row {first.row}: {first.reason} ({len(bad)} bad row(s) in all; "
-                        "fix them or set data.bad_rows=skip)")
-    shown = "; ".join(f"row {b.row}: {b.reason}" for b in bad[:10])
-    more = f"; and {len(bad) - 10} more" if len(bad) > 10 else ""
-    log(f"data: skipped {len(bad)} bad row(s) in {spec}: {shown}{more}")
 
 
 def _to_dataset(samples: Iterable[dict], packed: bool, max_length: int):
@@ -355,31 +308,40 @@ def _prepare_locked(data: DataSection, tokenizer, seed: int, cache: Path, log) -
 
     if (cache / "stats.json").exists():
         stats = read_json(cache / "stats.json")
-        bad = [BadRow(**b) for b in stats.pop("bad_rows")]
-        _report_bad_rows(data.train, bad, data.bad_rows, log)
+        accounts = [RowAccount.from_stats(data.train, stats)]
+        if data.eval:
+            accounts.append(RowAccount.from_stats(data.eval, stats, prefix="eval_"))
+        for account in accounts:   # data.max_bad_fraction is not in the cache key: apply it again
+            account.check(data.bad_rows, data.max_bad_fraction)
+            log(account.line(data.max_length, stats.get("held_out")))
         log(f"data: reusing tokenized cache {cache}")
         eval_ds = datasets.load_from_disk(str(cache / "eval")) if (cache / "eval").exists() else None
-        return PreparedData(datasets.load_from_disk(str(cache / "train")), eval_ds, bad, stats, cache, True)
+        return PreparedData(datasets.load_from_disk(str(cache / "train")), eval_ds, accounts[0].bad, stats,
+                            cache, True)
 
-    bad: list[BadRow] = []
-    train, truncated = _samples(data.train, data, tokenizer, bad)
-    _report_bad_rows(data.train, bad, data.bad_rows, log)
-    if data.max_samples:
+    train, account = _samples(data.train, data, tokenizer)
+    if data.max_samples and len(train) > data.max_samples:
+        account.beyond_max_samples = len(train) - data.max_samples
         train = train[: data.max_samples]
+    account.count_truncated(train, data.max_length)
     eval_samples: list[dict] = []
+    eval_account, held_out = None, None
     if data.eval:
-        eval_bad: list[BadRow] = []
-        eval_samples, _ = _samples(data.eval, data, tokenizer, eval_bad)
-        _report_bad_rows(data.eval, eval_bad, data.bad_rows, log)
+        eval_samples, eval_account = _samples(data.eval, data, tokenizer)
+        eval_account.count_truncated(eval_samples, data.max_length)
     elif data.validation_split > 0:
         train, eval_samples = hold_out(train, data.validation_split, seed)
+        held_out = len(eval_samples)
     if not train:
-        raise DataError(f"{data.train}: no usable training rows ({len(bad)} bad row(s))")
+        raise DataError(f"{data.train}: no training rows left: {account.used} usable row(s), all held out by "
+                        f"data.validation_split={data.validation_split}; add rows or lower it")
     lengths = [len(s["input_ids"]) for s in train]
-    stats = {"train_samples": len(train), "eval_samples": len(eval_samples), "truncated": truncated,
+    stats = {"train_samples": len(train), "eval_samples": len(eval_samples), "held_out": held_out,
              "train_tokens": sum(lengths), "train_loss_tokens": sum(
                  sum(1 for label in s["labels"] if label != IGNORE_INDEX) for s in train),
-             "lengths": lengths, "packed": data.packing}
+             "lengths": lengths, "packed": data.packing, **account.to_stats()}
+    if eval_account is not None:
+        stats.update(eval_account.to_stats(prefix="eval_"))
     train_ds = _to_dataset(train, data.packing, data.max_length)
     eval_ds = _to_dataset(eval_samples, data.packing, data.max_length) if eval_samples else None
     stats["train_rows"] = len(train_ds)
@@ -387,10 +349,12 @@ def _prepare_locked(data: DataSection, tokenizer, seed: int, cache: Path, log) -
         train_ds.save_to_disk(str(tmp / "train"))
         if eval_ds is not None:
             eval_ds.save_to_disk(str(tmp / "eval"))
-        atomic_write_json(tmp / "stats.json", dict(stats, bad_rows=[vars(b) for b in bad]))
-    log(f"data: {len(train)} train / {len(eval_samples)} eval samples, {truncated} truncated to "
-        f"{data.max_length} tokens, {len(train_ds)} rows{' (packed)' if data.packing else ''}; "
-        f"cached at {cache}")
+        atomic_write_json(tmp / "stats.json", stats)
+    for each in filter(None, [account, eval_account]):
+        log(each.line(data.max_length, held_out if each is account else None))
+    log(f"data: {len(train)} train / {len(eval_samples)} eval samples, {len(train_ds)} rows"
+        f"{' (packed)' if data.packing else ''}; cached at {cache}")
     # Reload from the cache: the datasets are then memory-mapped, like on a cache hit.
     eval_loaded = datasets.load_from_disk(str(cache / "eval")) if eval_ds is not None else None
-    return PreparedData(datasets.load_from_disk(str(cache / "train")), eval_loaded, bad, stats, cache, False)
+    return PreparedData(datasets.load_from_disk(str(cache / "train")), eval_loaded, account.bad, stats, cache,
+                        False)

@@ -43,6 +43,7 @@ from .storage import RunDir, atomic_write_text
 from .templates import NAMED_TEMPLATES
 
 BASE = "base"   # the reserved adapter name: the base model with every adapter disabled
+EMPTY = "(empty)"   # how the table shows a generation with no text
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -225,8 +226,18 @@ def load_switchable(cfg: RunConfig, base_path: str, adapters: list[Adapter], *, 
     return model.eval()
 
 
+def prompt_messages(row: PromptRow, tokenizer, raw: bool) -> list[dict] | None:
+    """The chat a row stands for: its messages, or its prompt as one user turn rendered with the
+    adapter's chat template (as training rendered its data), unless --raw or there is no template."""
+    if row.messages is not None:
+        return row.messages
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return None
+    return [{"role": "user", "content": row.prompt}]
+
+
 def generate_all(model, adapters: list[Adapter], rows: list[PromptRow], settings: GenerationSettings,
-                 log=print) -> list[dict[str, Any]]:
+                 log=print, raw: bool = False) -> list[dict[str, Any]]:
     import contextlib
     by_name = {a.name: a for a in adapters}
     results = []
@@ -238,7 +249,8 @@ def generate_all(model, adapters: list[Adapter], rows: list[PromptRow], settings
             if name != BASE and name != active:
                 model.set_adapter(name, inference_mode=True)
                 active = name
-            text, special = render_prompt(adapter.tokenizer, messages=row.messages, prompt=row.prompt)
+            messages = prompt_messages(row, adapter.tokenizer, raw)
+            text, special = render_prompt(adapter.tokenizer, messages=messages, prompt=row.prompt)
             context = model.disable_adapter() if name == BASE else contextlib.nullcontext()
             with context:
                 out = generate_text(model, adapter.tokenizer, text, add_special_tokens=special,
@@ -248,6 +260,7 @@ def generate_all(model, adapters: list[Adapter], rows: list[PromptRow], settings
                 result["id"] = row.id
             if row.messages is not None:
                 result["messages"] = row.messages
+            result["rendered"] = "chat template" if messages is not None else "raw"
             result.update(out)
             results.append(result)
     return results
@@ -266,7 +279,7 @@ def format_table(results: list[dict[str, Any]], rows: list[PromptRow], width: in
         key = json.dumps(r.get("messages") or r["prompt"])
         group = groups.setdefault(key, {"prompt": shown[r["row"]], "rows": [], "outputs": {}})
         group["rows"].append(r["row"])
-        group["outputs"][r["adapter"]] = r["output"]
+        group["outputs"][r["adapter"]] = r["output"] if r["output"].strip() else EMPTY
     headers = ["row", "prompt", *columns]
     row_w = max(3, max(len(",".join(map(str, sorted(set(g["rows"]))))) for g in groups.values()))
     cell_w = max(12, (width - row_w - 3 * len(headers)) // (len(headers) - 1))
@@ -290,6 +303,12 @@ def format_table(results: list[dict[str, Any]], rows: list[PromptRow], width: in
         cells += [wrap(group["outputs"].get(c, "-"), cell_w) for c in columns]
         out += line(cells)
         out.append("")
+    empty = [r for r in results if not r["output"].strip()]
+    if empty:
+        raw = any(r.get("rendered") == "raw" for r in empty)
+        out.append(f"note: {len(empty)} generation(s) empty: the model stopped at once"
+                   + ("; raw text reaches a chat-trained adapter without its chat template: drop --raw"
+                      if raw else "; try --max-new-tokens or sampling (--temperature)"))
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -314,7 +333,11 @@ def generate(args) -> int:
     """The tool: load the base once, generate every prompt with its adapter(s), print and write."""
     settings = settings_from_args(args)
     adapters = parse_adapters(args.adapter)
-    rows = read_prompts(args.prompts, [a.name for a in adapters])
+    if not args.prompts and not args.prompt:
+        raise ConfigError("give prompts: --prompt TEXT (repeatable) or --prompts FILE.jsonl")
+    rows = read_prompts(args.prompts, [a.name for a in adapters]) if args.prompts else []
+    last = max((r.row for r in rows), default=0)   # command-line prompts are numbered after the file's rows
+    rows += [PromptRow(last + i, None, prompt=text) for i, text in enumerate(args.prompt or [], start=1)]
     cfg = base_config(args.base, adapters, args.hf_cache, args.load_in_4bit)
     if cfg.storage.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -338,7 +361,7 @@ def generate(args) -> int:
                                 "template to render 'messages'; give the text as 'prompt'")
     quiet_progress_bars()
     model = load_switchable(cfg, base_path, adapters, quantized=args.load_in_4bit)
-    results = generate_all(model, adapters, rows, settings)
+    results = generate_all(model, adapters, rows, settings, raw=args.raw)
     if args.out:
         atomic_write_text(Path(args.out).expanduser(),
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))

@@ -102,4 +102,13 @@ def generate_text(model, tokenizer, text: str, *, add_special_tokens: bool, sett
     if new and new[-1] in stop_ids:
         stop = "eos" if new[-1] == tokenizer.eos_token_id else "end_of_turn"
         new = new[:-1]
-    return {"output": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new), "stop": stop}
+    return {"output": decode_text(tokenizer, new), "new_tokens": len(new), "stop": stop}
+
+
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """Token ids as text, without U+FFFD noise.
+
+    A byte-level tokenizer's tokens are bytes: a model (an untrained base above all) may end or
+    interleave multi-byte characters with stray bytes, which decode to U+FFFD replacement marks.
+    Those marks carry no text, so they are dropped; whole characters are kept as they are."""
+    return tokenizer.decode(ids, skip_special_tokens=True).replace("\ufffd", "")

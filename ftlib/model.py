@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
+from .data import is_local_file
+from .hub_cache import CacheMiss, HubRepo, cached_snapshot, hub_unreachable, snapshot_problem
 from .templates import NAMED_TEMPLATES
 from .tiny import BUILTIN_MODELS, BUILTIN_PREFIX, ensure_builtin
 
@@ -14,8 +16,17 @@ def hf_cache_dir(cfg: RunConfig) -> Path:
     return Path(os.path.expanduser(cfg.storage.hf_cache))
 
 
+def is_hub_model(name: str) -> bool:
+    """A hub id (ORG/NAME), not a builtin, a local path or an existing directory."""
+    return not (name.startswith(BUILTIN_PREFIX) or name.startswith((".", "/", "~"))
+                or Path(name).expanduser().is_dir())
+
+
 def resolve_model_path(cfg: RunConfig) -> str:
-    """A local directory or a hub id that from_pretrained understands."""
+    """A local directory or a hub id that from_pretrained understands.
+
+    A hub id becomes its snapshot in the shared cache when the run is offline (storage.offline)
+    or the Hub cannot be reached, so that no library call retries a dead network."""
     name = cfg.model.name
     if name.startswith(BUILTIN_PREFIX):
         key = name[len(BUILTIN_PREFIX):]
@@ -28,8 +39,9 @@ def resolve_model_path(cfg: RunConfig) -> str:
         raise ConfigError(f"{cfg.source}: model.name: local model directory not found: {name}")
     if path.is_dir():
         return str(path)
-    if cfg.storage.offline or os.environ.get("HF_HUB_OFFLINE") == "1":
-        return cached_snapshot(cfg, name)
+    offline = offline_reason(cfg)
+    if offline:
+        return str(cached_model(cfg, offline))
     return name
 
 
@@ -37,17 +49,55 @@ def hub_cache_dir(cfg: RunConfig) -> Path:
     return hf_cache_dir(cfg) / "hub"
 
 
-def cached_snapshot(cfg: RunConfig, repo_id: str) -> str:
-    """The local snapshot of a hub model on a node without internet, or a clear error at once."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def offline_reason(cfg: RunConfig) -> str | None:
+    """Why a run must read the hub from the cache only (storage.offline, no network), or None."""
+    if cfg.storage.offline:
+        return "storage.offline is true"
+    return hub_unreachable()
+
+
+def hub_repos(cfg: RunConfig) -> list[HubRepo]:
+    """The repositories this run needs from the Hub: its model and its hub datasets, if any."""
+    repos = []
+    if is_hub_model(cfg.model.name):
+        repos.append(HubRepo(cfg.model.name, "model", cfg.model.revision, "model.name"))
+    for key in ("train", "eval"):
+        spec = getattr(cfg.data, key)
+        # As data.read_rows decides: a file by its suffix, a directory saved by datasets, else a hub id.
+        if spec and not is_local_file(spec) and not Path(spec).expanduser().exists():
+            repos.append(HubRepo(spec, "dataset", None, f"data.{key}"))
+    return repos
+
+
+def _missing_message(cfg: RunConfig, repo: HubRepo, problem: str, offline: str) -> str:
+    return (f"{cfg.where(repo.key)}: {repo.key}: {repo.repo_id} {problem}, and this run cannot download it "
+            f"({offline}); on a machine with internet run `python jobs/prefetch.py {cfg.source}` "
+            "(with the same key=value overrides)")
+
+
+def cached_model(cfg: RunConfig, offline: str) -> Path:
+    """The local snapshot of the run's hub model, or a ConfigError naming what is missing."""
+    repo = HubRepo(cfg.model.name, "model", cfg.model.revision, "model.name")
     try:
-        return snapshot_download(repo_id, revision=cfg.model.revision, cache_dir=hub_cache_dir(cfg),
-                                 local_files_only=True)
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        raise ConfigError(f"{cfg.source}: model.name: {repo_id} is not in the shared cache "
-                          f"{hub_cache_dir(cfg)} and this node is offline; on a login node run "
-                          f"`python jobs/prefetch.py {cfg.source}`") from None
+        return cached_snapshot(repo, hub_cache_dir(cfg))
+    except CacheMiss as exc:
+        raise ConfigError(_missing_message(cfg, repo, str(exc), offline)) from None
+
+
+def check_model_available(cfg: RunConfig) -> None:
+    """Refuse, before anything is queued or loaded, a run whose hub model or hub dataset the job
+    could not get: not in the cache while the run is offline or the Hub is unreachable. Online
+    runs download as usual; a run without hub repositories costs nothing here."""
+    repos = hub_repos(cfg)
+    if not repos:
+        return
+    offline = offline_reason(cfg)
+    if not offline:
+        return
+    for repo in repos:
+        problem = snapshot_problem(repo, hub_cache_dir(cfg))
+        if problem:
+            raise ConfigError(_missing_message(cfg, repo, problem, offline))
 
 
 def torch_dtype(name: str | None):
@@ -145,10 +195,11 @@ def build_training_model(cfg: RunConfig, path: str, *, local_rank: int = 0, log=
     # A KV cache is useless in training and, when present, stops transformers from building the
     # block-diagonal mask that packed rows need.
     model.config.use_cache = False
-    checkpointing = bool(cfg.training.get("gradient_checkpointing"))
+    checkpointing = bool(cfg.training.get("activation_checkpointing"))
     if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The Trainer turns activation checkpointing on (training.activation_checkpointing);
+        # peft's switch would call transformers' deprecated gradient_checkpointing_enable.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if method in ("qlora", "lora"):
         if checkpointing and method == "lora":
             model.enable_input_require_grads()

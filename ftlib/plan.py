@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, with_values
-from .storage import RunDir, atomic_write_text, reset_run
+from .locks import live_holder
+from .status import ENDED, sacct_states
+from .storage import LeaseHeld, RunDir, atomic_write_text, free_bytes, human, read_json, reset_run, run_lease
 
 
 def expand_runs(cfg: RunConfig) -> list[RunConfig]:
@@ -69,8 +71,86 @@ def write_run_files(cfg: RunConfig, run: RunDir) -> None:
 
 
 def prepare_runs(runs: list[RunConfig]) -> list[RunConfig]:
-    """Reset (once) and write each run's files; the configs to hand to the jobs."""
-    prepared = [reset_once(cfg) for cfg in runs]
-    for cfg in prepared:
-        write_run_files(cfg, RunDir(cfg.run_root))
+    """Reset (once) and write each run's files; the configs to hand to the jobs.
+
+    A run whose directory a live job or export holds (its lease: storage.run_lease) is refused
+    before anything is written, and each reset and config.yaml is written under the lease."""
+    for cfg in runs:
+        holder = live_holder(RunDir(cfg.run_root).lease)
+        if holder is not None:
+            raise ConfigError(f"run {cfg.name} ({cfg.run_root}) is in use by {holder.describe()}; wait for it "
+                              "to end, cancel it, or choose another name=...")
+    prepared = []
+    for cfg in runs:
+        run = RunDir(cfg.run_root)
+        try:
+            with run_lease(run, "submission"):
+                cfg = reset_once(cfg)
+                write_run_files(cfg, run)
+        except LeaseHeld as exc:   # taken in the moment since the check above
+            raise ConfigError(str(exc)) from None
+        prepared.append(cfg)
     return prepared
+
+
+def without_finished(runs: list[RunConfig], log=print) -> list[RunConfig]:
+    """The runs that still have work to do. A finished run (its manifest is there) is left alone,
+    saying how to train it again: a Slurm queue is a long wait for a job that would only say so."""
+    todo = []
+    for cfg in runs:
+        if RunDir(cfg.run_root).is_complete() and not cfg.fresh_start:
+            log(f"run {cfg.name} is already complete ({cfg.run_root}/manifest.json); nothing to do. To train "
+                "again: training.overwrite_output_dir=true, or another name=...")
+        else:
+            todo.append(cfg)
+    return todo
+
+
+def refuse_live_jobs(runs: list[RunConfig]) -> None:
+    """Two jobs must never train one run directory at once: refuse a run whose Slurm job is still
+    queued or running (state.json's job id, asked of sacct)."""
+    jobs = {cfg.name: str((read_json(RunDir(cfg.run_root).state, default={}) or {}).get("job_id") or "")
+            for cfg in runs}
+    states = sacct_states([j for j in jobs.values() if j])
+    for cfg in runs:
+        state = states.get(jobs[cfg.name], "")
+        if state and state not in ENDED:
+            raise ConfigError(f"run {cfg.name} already has Slurm job {jobs[cfg.name]} ({state}); follow it with "
+                              f"python jobs/status.py --root {cfg.run_root.parent} --follow {cfg.name}, cancel it "
+                              f"with python jobs/status.py --root {cfg.run_root.parent} cancel {cfg.name}, or "
+                              "choose another name=...")
+
+
+# ---------------------------------------------------------------------------- room a run needs
+GGUF_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625, "q6_k": 0.82, "q5_k_m": 0.69,
+                         "q4_k_m": 0.6, "q5_0": 0.69, "q5_1": 0.75, "q4_0": 0.5625, "q4_1": 0.625}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def space_needed(cfg: RunConfig, n_params: int, n_trainable: int) -> dict[str, int]:
+    """Bytes the run writes under storage.root: the checkpoints kept (one more while the newest
+    is saved, before the oldest goes: callbacks.py), the adapter, the merged model, GGUF files."""
+    full = cfg.model.method == "full"
+    dtype = cfg.export.merged_dtype if cfg.export.merged_dtype != "auto" else (cfg.model.dtype or "bfloat16")
+    merged_bytes = n_params * DTYPE_BYTES.get(str(dtype), 2)
+    optimizer = (2 if "8bit" in str(cfg.training.get("optim", "")) else 8) * n_trainable
+    checkpoint = (merged_bytes if full else 4 * n_trainable) + optimizer + (1 << 20)   # + rng, scheduler
+    keep = cfg.training.get("save_total_limit", 3) or 1
+    out = {"checkpoints": int(checkpoint * (keep + 1)), "adapter": 0 if full else 4 * n_trainable,
+           "merged": int(merged_bytes) if full or cfg.export.merged or cfg.export.gguf else 0,
+           "gguf": int(sum(n_params * GGUF_BYTES_PER_WEIGHT.get(q.lower(), 2.0) for q in cfg.export.gguf))}
+    out["total"] = sum(out.values())
+    return out
+
+
+def room_warning(cfg: RunConfig, n_params: int, n_trainable: int) -> str | None:
+    """One warning line when the filesystem of storage.root has less room than the run writes."""
+    need = space_needed(cfg, n_params, n_trainable)
+    root = os.path.expanduser(cfg.storage.root)
+    free = free_bytes(root)
+    if free >= need["total"]:
+        return None
+    parts = ", ".join(f"{k} {human(v)}" for k, v in need.items() if k != "total" and v)
+    return (f"warning: storage.root {root} has {human(free)} free; run {cfg.name} writes about "
+            f"{human(need['total'])} ({parts}) and would stop with 'disk full': free space or choose "
+            "another storage.root")

@@ -1,4 +1,12 @@
-"""Provenance: what produced a run, recorded in provenance.json and extended on every (re)start."""
+"""Provenance: what produced a run, recorded in provenance.json and extended on every (re)start.
+
+Each start also records the container it ran in, as seen from inside (`running_container`):
+apptainer names the image file it runs from (APPTAINER_CONTAINER), and an image built by
+containers/build.sh or containers/ftlib.def carries a marker (IMAGE_MARKER) with the hashes of
+what it was built from. The submission recorded the image's path, sha256 and inputs hash from
+outside (launch.containers.image_provenance, provenance.json "container"); a start whose image
+and inputs hash are those says so ("matches_submitted": true).
+"""
 from __future__ import annotations
 
 import os
@@ -38,9 +46,45 @@ def git_state(path: Path | None = None) -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+def image_marker_path() -> Path:
+    """Where an ftlib image keeps its marker (containers/self-test.py --write-marker writes it)."""
+    return Path(os.environ.get("FTLIB_HOME") or "/opt/ftlib") / "image.json"
+
+
+def running_container(submitted: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The container this process runs in, detected from inside; None on the host.
+
+    submitted: provenance.json's "container" (what the submission saw from outside); when given,
+    the record says whether this is that image (same path and, when both are known, the same
+    inputs hash)."""
+    env = os.environ
+    image = env.get("APPTAINER_CONTAINER") or env.get("SINGULARITY_CONTAINER")
+    if image:
+        record: dict[str, Any] = {"runtime": "apptainer", "image": image}
+    elif env.get("CH_RUNNING"):
+        record = {"runtime": "charliecloud"}
+    else:
+        record = {}
+    marker = image_marker_path()
+    if marker.is_file():
+        record.setdefault("runtime", "unknown")
+        info = read_json(marker, default={}) or {}
+        record.update({k: info[k] for k in ("builder", "inputs_sha256", "source_sha256", "built_at")
+                       if info.get(k)})
+    if not record:
+        return None
+    if submitted and submitted.get("image") and record.get("image"):
+        same = os.path.realpath(submitted["image"]) == os.path.realpath(record["image"])
+        if submitted.get("inputs_sha256") and record.get("inputs_sha256"):
+            same = same and submitted["inputs_sha256"] == record["inputs_sha256"]
+        record["matches_submitted"] = same
+    return record
+
+
 def record_start(run: RunDir, *, data_fingerprint: str | None = None,
                  container: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Add this start (host, Slurm job id, restart count) to provenance.json."""
+    """Add this start (host, Slurm job id, restart count, the container it runs in) to
+    provenance.json. container: replaces the submission's record of the image."""
     prov = read_json(run.provenance, default={}) or {}
     prov.setdefault("git", git_state())
     prov["packages"] = package_versions()
@@ -53,6 +97,7 @@ def record_start(run: RunDir, *, data_fingerprint: str | None = None,
                    "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                    "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
                    "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
-                   "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)})
+                   "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
+                   "container": running_container(prov.get("container"))})
     atomic_write_json(run.provenance, prov)
     return prov

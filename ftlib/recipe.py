@@ -13,7 +13,7 @@ from typing import Any
 
 from . import data as data_mod
 from . import model as model_mod
-from .callbacks import StopRequest, ftlib_callbacks
+from .callbacks import StopRequest, bind_trainer, ftlib_callbacks
 from .config import RunConfig
 from .console import quiet_progress_bars
 from .distributed import is_main_process, local_rank
@@ -23,7 +23,8 @@ from .export.publish import publish_artifacts
 from .plan import write_run_files
 from .provenance import record_start
 from .report import write_report
-from .storage import RunDir, checkpoint_step, newest_complete_checkpoint, reset_run, update_state
+from .storage import (RunDir, checkpoint_disk_full, checkpoint_step, clean_leftovers, discard_checkpoints_after,
+                      newest_complete_checkpoint, reset_run, run_lease, update_state)
 from .tracking import finish_tracking, start_tracking
 
 
@@ -40,6 +41,11 @@ class RunResult:
     model: Any = field(default=None, repr=False)   # the trained model, for callers in this process
 
 
+def checkpoints_to_keep(cfg: RunConfig) -> int | None:
+    """training.save_total_limit (default 3); applied by ftlib's callbacks, not by the Trainer."""
+    return cfg.training.get("save_total_limit", 3)
+
+
 def training_arguments(cfg: RunConfig, run: RunDir, report_to: list[str]):
     import torch
     from transformers import TrainingArguments
@@ -50,8 +56,11 @@ def training_arguments(cfg: RunConfig, run: RunDir, report_to: list[str]):
     values.update(output_dir=str(run.checkpoints), report_to=report_to or "none", run_name=cfg.name,
                   disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
                   include_num_input_tokens_seen=True, use_cpu=not torch.cuda.is_available())
-    if values.get("gradient_checkpointing"):
-        values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    # ftlib deletes checkpoints beyond the limit itself, once the new one is marked complete
+    # (callbacks.py): the Trainer deletes first, and a kill in between would leave none to resume.
+    values["save_total_limit"] = None
+    if values.get("activation_checkpointing"):
+        values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     if cfg.distributed.strategy in ("ddp", "auto"):
         # LoRA leaves most parameters frozen; DDP must not wait for their gradients.
         values.setdefault("ddp_find_unused_parameters", False)
@@ -60,9 +69,18 @@ def training_arguments(cfg: RunConfig, run: RunDir, report_to: list[str]):
 
 def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: list | None = None,
                log=print) -> RunResult:
+    """One job per run directory: rank 0 holds the run's lease (storage.run_lease) from before its
+    first write to the end; another job or export of the same run fails at once naming the holder."""
+    if not is_main_process():
+        return _run_recipe(cfg, stop=stop, callbacks=callbacks, log=log)
+    with run_lease(RunDir(cfg.run_root), "training", log=log):
+        return _run_recipe(cfg, stop=stop, callbacks=callbacks, log=log)
+
+
+def _run_recipe(cfg: RunConfig, *, stop: StopRequest | None, callbacks: list | None, log) -> RunResult:
     # transformers (with torch) is imported when training starts, not with the module: the CLI
     # imports the launchers, and `--dry-run`, status and error messages should not wait for it.
-    from transformers import Trainer, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
 
     quiet_progress_bars()
     run = RunDir(cfg.run_root)
@@ -71,6 +89,8 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
         # Launchers reset once and hand workers and requeued jobs a config without the flag
         # (see plan.reset_once); a direct caller of run_recipe gets the reset here.
         reset_run(run)
+    if main:
+        clean_leftovers(run, log)   # of a killed save or export (we hold the lease: nobody writes them)
     if run.is_complete():
         log(f"run {run.root} is already complete (manifest.json present); nothing to do. "
             "Use another name=... or training.overwrite_output_dir=true to train again.")
@@ -95,17 +115,25 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
     args = training_arguments(cfg, run, tracking.report_to)
     trainer = Trainer(model=model, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
                       data_collator=data_mod.Collator(tokenizer.pad_token_id),
-                      callbacks=ftlib_callbacks(run, stop, log) + tracking.callbacks + list(callbacks or []))
-    resume = newest_complete_checkpoint(run)
+                      callbacks=ftlib_callbacks(run, stop, log, checkpoints_to_keep(cfg)) + tracking.callbacks
+                      + list(callbacks or []))
+    # With disable_tqdm the Trainer prints every log dict raw; ftlib's progress lines say it once.
+    trainer.remove_callback(PrinterCallback)
+    bind_trainer(trainer)   # the loss carried across resumes reads the Trainer's accumulators
+    resume = newest_complete_checkpoint(run, log=log if main else None)   # verified against its marker
+    if main:
+        discard_checkpoints_after(run, checkpoint_step(resume) if resume else -1, log=log)
     if resume is not None:
         log(f"resuming from {resume} (step {checkpoint_step(resume)})")
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with checkpoint_disk_full(run):   # a full disk: one line naming the checkpoint and the room
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if args.world_size > 1:
         report = write_rank_report(trainer, run.root)
         if main:
             log(f"distributed: world size {report['world_size']}, backend {report['backend']}, "
                 f"wrapper {report['wrapper']}, ZeRO stage {report['zero_stage']}")
-    result = RunResult(run.root, "completed", trainer.state.global_step, output.training_loss,
+    result = RunResult(run.root, "completed", trainer.state.global_step,
+                       output.metrics.get("train_loss", output.training_loss),
                        wandb_run_id=tracking.wandb_run_id, resumed_from=str(resume) if resume else None,
                        model=trainer.model)
     if stop is not None and stop.is_set() and trainer.state.global_step < trainer.state.max_steps:
@@ -116,8 +144,7 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
         return result
 
     if prepared.eval is not None:
-        result.eval_loss = trainer.evaluate().get("eval_loss")
-        log(f"eval loss {result.eval_loss:.4f}")
+        result.eval_loss = trainer.evaluate().get("eval_loss")   # the progress line shows it
     # Every rank takes part in saving (ZeRO-3 / FSDP gather the weights); only rank 0 writes.
     result.artifacts = publish_artifacts(cfg, run, trainer, tokenizer, model_path, log=log)
     if main and cfg.export.report:
@@ -129,5 +156,5 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
                      train_loss=result.train_loss, eval_loss=result.eval_loss)
     finish_tracking(tracking, log=log)
     if tracking.sync_command() and main:
-        log(f"W&B offline run; to upload it: {tracking.sync_command()}")
+        log(f"W&B offline run; to upload it (login node): python jobs/sync.py --root {run.root.parent} {run.name}")
     return result

@@ -26,7 +26,8 @@ from typing import Any
 
 from .config import RunConfig
 from .data import IGNORE_INDEX, Collator, data_cache_root, hold_out, prepare_data, read_rows, tokenized_rows
-from .inference import GenerationSettings, generate_text, model_device, place_on_gpu, render_prompt, stop_token_ids
+from .inference import (GenerationSettings, decode_text, generate_text, model_device, place_on_gpu, render_prompt,
+                        stop_token_ids)
 from .model import load_base_model, load_tokenizer, resolve_model_path, torch_dtype
 from .storage import (RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, checkpoint_step,
                       newest_complete_checkpoint, read_json)
@@ -81,8 +82,8 @@ def split_prompt(tokenizer, sample: dict[str, Any]) -> dict[str, Any]:
                 "reference": messages[last]["content"]}
     ids = tokenizer(sample["text"], add_special_tokens=False)["input_ids"]
     cut = max(1, len(ids) // 2)
-    prompt = tokenizer.decode(ids[:cut])
-    return {"prompt": prompt, "reference": tokenizer.decode(ids[cut:])}
+    prompt = decode_text(tokenizer, ids[:cut])
+    return {"prompt": prompt, "reference": decode_text(tokenizer, ids[cut:])}
 
 
 # ---------------------------------------------------------------------------- loss

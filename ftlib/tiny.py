@@ -11,6 +11,7 @@ import json
 import random
 from pathlib import Path
 
+from .console import quiet_progress_bars
 from .storage import file_lock, staging_dir
 from .templates import CHATML
 
@@ -133,6 +134,7 @@ def build_model(path: str | Path, model_type: str = "llama", hidden_size: int = 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    quiet_progress_bars()   # a "Writing model shards" bar in a --dry-run says nothing to the user
     path = Path(path)
     tokenizer = build_spm_tokenizer() if tokenizer == "spm" else build_tokenizer()
     config = AutoConfig.for_model(

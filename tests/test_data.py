@@ -140,13 +140,14 @@ def test_bad_rows_reported_by_number_and_skipped(tokenizer, tmp_path):
         good,
     ])
     logs: list[str] = []
-    data = DataSection(train=str(path), format="alpaca", bad_rows="skip")
+    # 4 of 6 rows are bad: above the default data.max_bad_fraction (0.1), so it is raised here.
+    data = DataSection(train=str(path), format="alpaca", bad_rows="skip", max_bad_fraction=0.9)
     prepared = prepare_data(data, tokenizer, seed=1, cache_root=tmp_path / "cache", log=logs.append)
     assert [b.row for b in prepared.bad_rows] == [2, 3, 4, 5]
     assert "UTF-8" in prepared.bad_rows[2].reason and "JSON" in prepared.bad_rows[3].reason
     assert "'output'" in prepared.bad_rows[0].reason
     assert prepared.stats["train_samples"] == 2
-    assert any("skipped 4 bad row(s)" in line and "row 2:" in line for line in logs)
+    assert any("6 rows: 2 used, 4 dropped (" in line and "missing field 1 (row 2)" in line for line in logs)
 
     fatal = DataSection(train=str(path), format="alpaca", bad_rows="fail")
     with pytest.raises(DataError, match=r"row 2: missing or empty field 'output'.*4 bad row"):

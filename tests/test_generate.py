@@ -52,14 +52,17 @@ def two_adapters(tmp_path_factory, hf_cache):
     return root, _train(root, hf_cache, "reverse", reverse, seed=1), _train(root, hf_cache, "sum", sums, seed=2)
 
 
-def _alone(adapter_dir: Path, row: dict, base_path: str) -> str:
-    """The reference: a fresh base with only this adapter, greedy, HF generate directly."""
+def _alone(adapter_dir: Path, row: dict, base_path: str, raw: bool = False) -> str:
+    """The reference: a fresh base with only this adapter, greedy, HF generate directly. A "prompt"
+    goes through the chat template as one user turn (the tool's default), or as text with raw."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    if "prompt" in row and not raw:
+        row = {"messages": [{"role": "user", "content": row["prompt"]}]}
     if "messages" in row:
         text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
@@ -179,3 +182,42 @@ def test_cli_exit_status_is_2_for_an_unknown_adapter(tmp_path, hf_cache):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert f"{prompts}: row 1: unknown adapter 'sentiment'" in proc.stderr
+
+
+def test_prompt_flag_uses_the_chat_template_unless_raw(two_adapters, hf_cache):
+    from ftlib.cli import generate_main
+    from ftlib.tiny import ensure_builtin
+
+    root, _, summed = two_adapters
+    base_path = str(ensure_builtin("tiny-llama", hf_cache))
+    text = "Add the two numbers.\n\n3 and 4"
+    for raw in (False, True):
+        out = root / f"flag-{raw}.jsonl"
+        argv = ["--adapter", f"sum={summed.root}", "--prompt", text, "--max-new-tokens", str(MAX_NEW),
+                "--out", str(out), "--quiet"] + (["--raw"] if raw else [])
+        assert generate_main(argv) == 0
+        (result,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert result["rendered"] == ("raw" if raw else "chat template")
+        assert result["output"] == _alone(summed.adapter, {"prompt": text}, base_path, raw=raw)
+
+
+def test_an_empty_generation_is_flagged_in_the_table():
+    from ftlib.generate import EMPTY, PromptRow, format_table
+
+    rows = [PromptRow(1, None, prompt="hello")]
+    results = [{"row": 1, "adapter": "a", "prompt": "hello", "output": "", "rendered": "raw"},
+               {"row": 1, "adapter": "b", "prompt": "hello", "output": "world", "rendered": "raw"}]
+    table = format_table(results, rows, width=100)
+    assert EMPTY in table and "world" in table
+    assert "note: 1 generation(s) empty" in table and "drop --raw" in table
+
+
+def test_no_prompt_at_all_is_one_line(tmp_path, capsys):
+    from ftlib.cli import generate_main
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert generate_main(["--adapter", f"a={adapter}"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt TEXT" in err and err.count("\n") == 1

@@ -168,3 +168,27 @@ def test_export_user_errors_exit_2(tiny_run, hf_cache, tmp_path, capsys):
     proc = _export(unfinished, hf_cache)
     assert proc.returncode == 2 and "has not finished training" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_report_text_has_no_replacement_characters(tiny_run):
+    """The tiny base model emits stray bytes of multi-byte characters; they must not reach the
+    report as U+FFFD noise (inference.decode_text)."""
+    cfg, run, _ = tiny_run
+    report = json.loads((run.root / "report.json").read_text())
+    texts = [s[k] for s in report["samples"] for k in ("base", "fine_tuned", "prompt")]
+    assert texts and all("\ufffd" not in t for t in texts)
+    assert "\ufffd" not in (run.root / "report.md").read_text()
+
+
+def test_decode_text_drops_stray_bytes_but_keeps_characters():
+    from ftlib.inference import decode_text
+    from ftlib.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    whole = tokenizer("café ✓", add_special_tokens=False)["input_ids"]
+    assert decode_text(tokenizer, whole) == tokenizer.decode(whole) == "café ✓"
+    # "Ã" is the byte-level token of the lone byte 0xC3: the first half of a two-byte character.
+    stray = tokenizer.convert_tokens_to_ids("Ã")
+    assert stray != tokenizer.unk_token_id
+    assert "\ufffd" in tokenizer.decode([stray] + whole)
+    assert decode_text(tokenizer, [stray] + whole) == "café ✓"

@@ -1,9 +1,11 @@
 """Config: load YAML (with `defaults:` inheritance), apply `key=value` overrides, validate -> RunConfig.
 
 schema.py (sections, RunConfig), load.py (files, inheritance, overrides), fields.py (keys and
-types against the HF classes and ftlib's dataclasses), validate.py (the whole config, and
-with_values for sweep elements). Every error is one line naming the file or the command line,
-the key and the fix; the CLI turns a ConfigError into exit status 2 before any work starts.
+types against the HF classes and ftlib's dataclasses), ranges.py (the valid interval of every
+numeric value, one table), validate.py (the whole config, and with_values for sweep elements),
+secrets.py (tokens from private files named by *_FILE variables). Every error is one line
+naming the file or the command line, the key and the fix; the CLI turns a ConfigError into exit
+status 2 before any work starts.
 """
 from .load import load_config
 from .schema import (COMMAND_LINE, ConfigError, ContainerSection, DataSection, DistributedSection,

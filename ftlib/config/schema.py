@@ -46,6 +46,7 @@ class DataSection:
     train_on_inputs: bool = False
     validation_split: float = 0.0
     bad_rows: Literal["skip", "fail"] = "skip"
+    max_bad_fraction: float = 0.1        # with bad_rows=skip: stop when a larger share of rows is bad
     split: str = "train"                 # split of a hub dataset
     subset: str | None = None            # config name of a hub dataset
     max_samples: int | None = None
@@ -78,7 +79,8 @@ class SlurmSection:
     exclusive: bool = False
     job_name: str | None = None
     signal_delay_s: int = 120            # USR2 this long before the time limit -> checkpoint + requeue
-    max_requeues: int = 3
+    max_requeues: int = 3                # requeues at the time limit (USR2) before the job fails
+    max_preemptions: int | None = 20     # restarts by Slurm itself (preemption, requeue, node failure); null: no limit
     array_parallelism: int = 8
     extra_sbatch: list[str] = field(default_factory=list)   # extra "#SBATCH ..." option lines
     setup: list[str] = field(default_factory=list)          # shell lines before srun (module load ...)
@@ -134,10 +136,17 @@ class RunConfig:
     sweep: dict[str, list[Any]] = field(default_factory=dict)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict, repr=False)   # dotted key -> file or command line
+
+    def where(self, key: str) -> str:
+        """Where `key`'s value came from (a config file, or the command line), for error messages."""
+        if key in self.origins:
+            return self.origins[key]
+        return next((src for leaf, src in self.origins.items() if leaf.startswith(key + ".")), self.source)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for key in ("source", "notes"):
+        for key in ("source", "notes", "origins"):
             out.pop(key)
         out["training"] = dict(self.training, overwrite_output_dir=self.fresh_start)
         out.pop("fresh_start")
@@ -164,9 +173,13 @@ REFUSED = {
     "training.run_name": "set name instead",
     "training.resume_from_checkpoint": "ftlib resumes from the newest complete checkpoint by itself; "
                                        "set training.overwrite_output_dir=true to start afresh",
-    "training.hub_token": "secrets travel only in the environment: export HF_TOKEN",
+    "training.hub_token": "secrets travel only in the environment: export HF_TOKEN (or HF_TOKEN_FILE "
+                          "naming a 0600 file)",
     "training.use_cpu": "ftlib uses the CPU when no GPU is visible",
+    "training.local_rank": "the launcher sets it (torchrun, or Slurm through submitit)",
     "lora.base_model_name_or_path": "set model.name instead",
 }
 # Older names used by many guides -> the current TrainingArguments name (accepted with a note).
-RENAMED = {"training.evaluation_strategy": "eval_strategy", "training.warmup_ratio": "warmup_steps"}
+RENAMED = {"training.evaluation_strategy": "eval_strategy", "training.warmup_ratio": "warmup_steps",
+           "training.gradient_checkpointing": "activation_checkpointing",
+           "training.gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}

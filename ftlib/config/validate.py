@@ -13,6 +13,7 @@ from typing import Any
 from ..templates import TEMPLATE_CHOICES
 from .fields import (_bad_value, _check_section, _check_value, _own_hints, _suggest, _where, lora_hints,
                      quantization_hints, training_hints)
+from .ranges import RANGES, out_of_range
 from .schema import OWN_SECTIONS, REFUSED, RENAMED, TOP_LEVEL, ConfigError, RunConfig
 
 
@@ -36,8 +37,9 @@ def validate(data: dict[str, Any], source: str = "<config>", origins: dict | Non
                 raise ConfigError(f"{_where(origins, old, source)}: {old} and training.{new} are both set; "
                                   f"keep training.{new}")
             value = training.pop(key)
-            if key == "warmup_ratio" and not 0 <= value < 1:
-                raise ConfigError(f"{_where(origins, old, source)}: {old}: {value} must be in [0, 1)")
+            problem = out_of_range(old, value)   # checked under the name the user wrote
+            if problem:
+                raise ConfigError(f"{_where(origins, old, source)}: {old}: {problem}")
             training[new] = value
             notes.append(f"note: {old} is the older name; transformers now calls it training.{new} "
                          f"(set to {value!r})")
@@ -50,7 +52,7 @@ def validate(data: dict[str, Any], source: str = "<config>", origins: dict | Non
     name = data.get("name") or Path(source).stem
     _check_name(name, origins, source)
     cfg = RunConfig(name=name, source=source, training=training, lora=lora, quantization=quantization,
-                    fresh_start=fresh_start, sweep=sweep, tasks=tasks, notes=notes, **sections)
+                    fresh_start=fresh_start, sweep=sweep, tasks=tasks, notes=notes, **sections, origins=dict(origins))
     _check_consistency(cfg, origins)
     return cfg
 
@@ -104,6 +106,10 @@ def with_values(cfg: RunConfig, values: dict[str, Any], *, where: str) -> RunCon
         else:
             raise ConfigError(f"{where}: {dotted!r} does not name a config value (section.key, e.g. "
                               "training.learning_rate)")
+    for dotted, value in values.items():   # each changed value against its range, named as written
+        problem = out_of_range(str(dotted), value)
+        if problem:
+            raise ConfigError(f"{where}: {dotted}: {problem}")
     new = dataclasses.replace(cfg, **sections, training=hf["training"][0], lora=hf["lora"][0],
                               quantization=hf["quantization"][0], **top)
     _check_name(new.name, {}, where)
@@ -124,9 +130,11 @@ def _check_consistency(cfg: RunConfig, origins: dict) -> None:
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{_where(origins, key, src)}: {key}: {message}")
 
+    _check_ranges(cfg, origins)
     if not cfg.model.name:
         fail("model.name", "is required: a hub id (mistralai/Mistral-7B-v0.1), a local path, "
                            "or builtin:tiny-llama")
+    _check_model_source(cfg, origins)
     if not cfg.data.train:
         fail("data.train", "is required: a JSONL/JSON/Parquet/CSV file or a hub dataset id")
     if cfg.data.chat_template not in TEMPLATE_CHOICES:
@@ -146,8 +154,6 @@ def _check_consistency(cfg: RunConfig, origins: dict) -> None:
     if cfg.model.method == "full" and cfg.lora:
         fail("lora", "model.method is full, which trains every weight without LoRA; remove the lora "
                      "section or set model.method=lora")
-    if not 0 <= cfg.data.validation_split < 1:
-        fail("data.validation_split", f"{cfg.data.validation_split} must be in [0, 1)")
     has_eval = bool(cfg.data.eval) or cfg.data.validation_split > 0
     if t.get("eval_strategy", "no") != "no" and not has_eval:
         fail("training.eval_strategy", "evaluation needs data: set data.eval to a file or "
@@ -158,21 +164,47 @@ def _check_consistency(cfg: RunConfig, origins: dict) -> None:
         if t.get("eval_strategy") != t.get("save_strategy", "steps"):
             fail("training.load_best_model_at_end", "needs training.save_strategy equal to "
                                                     "training.eval_strategy")
-    if t.get("max_steps", -1) in (None, 0):
-        fail("training.max_steps", "must be positive, or -1 to train num_train_epochs")
-    for key in ("max_length",):
-        if getattr(cfg.data, key) <= 0:
-            fail(f"data.{key}", "must be positive")
-    if cfg.distributed.nproc < 1:
-        fail("distributed.nproc", "must be at least 1")
     if cfg.container.runtime != "none" and not cfg.container.image:
         fail("container.image", f"container.runtime is {cfg.container.runtime}; set container.image to "
                                 "the image path (e.g. /shared/images/ftlib.sif)")
-    slurm_time_minutes(cfg.slurm.time, f"{_where(origins, 'slurm.time', src)}: slurm.time")
+    limit_min = slurm_time_minutes(cfg.slurm.time, f"{_where(origins, 'slurm.time', src)}: slurm.time")
+    if cfg.slurm.signal_delay_s >= limit_min * 60:
+        fail("slurm.signal_delay_s", f"{cfg.slurm.signal_delay_s} s is not shorter than slurm.time "
+                                     f"({cfg.slurm.time}, {limit_min} min): the stop signal would come as soon "
+                                     "as the job starts; lower it or raise slurm.time")
     extra_sbatch_options(cfg.slurm.extra_sbatch, f"{_where(origins, 'slurm.extra_sbatch', src)}: slurm.extra_sbatch")
     for backend in cfg.tracking.backends:
         if backend not in ("wandb", "tensorboard", "none"):
             raise _bad_value("tracking", "backends", backend, "one of wandb, tensorboard, none", origins, src)
+
+
+def _check_ranges(cfg: RunConfig, origins: dict) -> None:
+    """Every numeric value against its interval (ranges.RANGES: one table for all sections)."""
+    for key in RANGES:
+        section, _, leaf = key.partition(".")
+        values = getattr(cfg, section)
+        value = values.get(leaf) if isinstance(values, dict) else getattr(values, leaf, None)
+        problem = out_of_range(key, value)
+        if problem:
+            raise ConfigError(f"{_where(origins, key, cfg.source)}: {key}: {problem}")
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _check_model_source(cfg: RunConfig, origins: dict) -> None:
+    """Remote code runs only from a pinned commit: a branch can change under a running sweep, and
+    its code runs as the user on every node. (A builtin name is checked in ftlib.validation.)"""
+    name, src = cfg.model.name, cfg.source
+    if name.startswith("builtin:"):
+        return
+    local = name.startswith((".", "/", "~")) or Path(name).expanduser().is_dir()
+    if cfg.model.trust_remote_code and not local and not _COMMIT.match(str(cfg.model.revision or "")):
+        where = _where(origins, "model.trust_remote_code", src)
+        raise ConfigError(f"{where}: model.trust_remote_code: true runs Python code from the {name} "
+                          f"repository as you; pin model.revision to a commit hash (40 hex digits, from "
+                          f"the repository's history), not "
+                          f"{repr(cfg.model.revision) if cfg.model.revision else 'the default branch'}")
 
 
 # ---------------------------------------------------------------------------- Slurm values

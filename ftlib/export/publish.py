@@ -2,7 +2,9 @@
 
 Each artifact appears under its final name complete or not at all (staging directory or temp
 file + rename). The manifest is written last; its presence means the export is complete. An
-interrupted export re-run makes only what is missing; a complete one is left as it is.
+interrupted export re-run makes only what is missing; a complete one is left as it is. A full
+disk is storage.DiskFull naming the artifact and the room it needs; results get the shared modes
+(the user's umask, never group/world-writable).
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from typing import Any
 
 from ..config import RunConfig
 from ..model import merge_adapter, torch_dtype
-from ..storage import RunDir, staging_dir, write_manifest
+from ..plan import GGUF_BYTES_PER_WEIGHT
+from ..storage import RunDir, disk_full_guard, make_dirs, read_json, share, staging_dir, write_manifest
 from .gguf import export_gguf
 from .ollama import write_modelfile
 
@@ -34,11 +37,20 @@ def save_trained(trainer, tokenizer, final: Path) -> Path:
 
 def save_merged(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, log=print) -> Path:
     merged = merge_adapter(cfg, base_path, run.adapter, dtype=torch_dtype(cfg.export.merged_dtype))
-    with staging_dir(run.merged) as tmp:
+    weights = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+    with staging_dir(run.merged, expected_bytes=weights + (1 << 20)) as tmp:   # + tokenizer, config
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     log(f"export: merged model -> {run.merged}")
     return run.merged
+
+
+def gguf_bytes(merged: Path, qtype: str) -> int:
+    """About the size of a GGUF of `qtype` made from the merged model's safetensors."""
+    weights = sum(p.stat().st_size for p in merged.glob("*.safetensors"))
+    dtype = str((read_json(merged / "config.json") or {}).get("dtype") or "float32")
+    per_weight = 4 if dtype == "float32" else 2
+    return int(weights / per_weight * GGUF_BYTES_PER_WEIGHT.get(qtype.lower(), 2.0))
 
 
 def export_derived(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, *, force: bool = False,
@@ -50,15 +62,17 @@ def export_derived(cfg: RunConfig, run: RunDir, base_path: str, tokenizer, *, fo
             save_merged(cfg, run, base_path, tokenizer, log=log)
         made["merged"] = str(run.merged)
     if cfg.export.gguf:
-        run.gguf.mkdir(parents=True, exist_ok=True)
+        make_dirs(run.gguf)
         files = []
         for qtype in cfg.export.gguf:
             out = run.gguf / f"{cfg.name}-{qtype}.gguf"
             if force or not out.exists():
                 # Training tokenized rendered text without automatic special tokens (the chat
                 # template writes BOS itself), so llama.cpp must not add one either.
-                export_gguf(run.merged, out, qtype,
-                            add_bos=None if cfg.data.format == "completion" else False)
+                with disk_full_guard(out, lambda: gguf_bytes(run.merged, qtype)):
+                    export_gguf(run.merged, out, qtype,
+                                add_bos=None if cfg.data.format == "completion" else False)
+                share(out)   # export_gguf's temp file is mkstemp's 0600
                 log(f"export: GGUF {qtype} -> {out}")
             files.append(str(out))
         made["gguf"] = files

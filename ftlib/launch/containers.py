@@ -29,12 +29,16 @@ What each runtime supports, and what ftlib uses:
   APPTAINERENV_<NAME> in apptainer's own environment. Slurm sets SLURM_PROCID etc. per task, after
   the sbatch script has run, so `python` is a small per-task `sh -c` wrapper: it unsets
   APPTAINER*/SINGULARITY* variables (APPTAINER_BIND would add binds, APPTAINERENV_* would add
-  variables), exports APPTAINERENV_<NAME>="$NAME" for each passed name present (eval of a quoted
-  reference, so the value is never parsed as code), then execs `apptainer exec --cleanenv
+  variables), exports APPTAINERENV_<NAME> for each passed name present, then execs `apptainer exec --cleanenv
   --contain` (empty /tmp and $HOME, minimal /dev; the site's `bind path` entries from
   apptainer.conf still apply). With GPUs: `--nv`, and `--bind /dev/shm`, because --contain gives
   each task a private /dev/shm and NCCL's shared-memory transport between the per-GPU tasks of a
   node needs the host's.
+  Apptainer expands `$`, backquotes and backslashes in every APPTAINERENV_/--env value inside the
+  container, as in a double-quoted shell string (`$(cmd)` runs!). So the wrapper sets
+  APPTAINERENV_<NAME> to the value with those three characters backslash-escaped (sed, only
+  for a value that has one; the value is read by an eval of `v="$NAME"`, never parsed as code),
+  and the --env values are escaped the same way: the job sees each value byte for byte.
 - enroot/pyxis: pyxis passes the task's whole environment, and the image's ENV wins over it
   unless the name is in `--container-env`. `srun --export=NAMES,NAME=VALUE` makes Slurm propagate
   only those (plus SLURM_*, which Slurm always sets), and `--container-env=NAMES` lets them override
@@ -49,9 +53,10 @@ What each runtime supports, and what ftlib uses:
   driver injected into the image once (`ch-fromhost --nvidia IMAGE`); ch-run has no flag for it.
 - none: the job runs on the host with this interpreter (submitit's default).
 
-Tested for real on CPU (tests/test_containers.py): ch-run, and the apptainer wrapper's shell
-against a stand-in `apptainer`. Apptainer itself and pyxis cannot run on the development
-machines: their flags are pinned by golden files, not yet exercised on a cluster.
+Tested for real on CPU: apptainer (tests/integration/test_apptainer_slurm.py: the image that
+containers/build.sh builds, through the local Slurm cluster, with this exact command line) and
+ch-run (tests/launch/test_containers.py, tests/integration/test_container_slurm.py). pyxis/enroot
+cannot run on the development machines: its flags are pinned by golden files only.
 
 Requeue needs no Slurm inside the image: on USR2 the job leaves a marker and exits, and the batch
 script, which runs on the host, requeues it (slurm.requeue_trap; tested with ch-run).
@@ -65,11 +70,14 @@ import re
 import shlex
 import stat
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ftlib.storage import sha256_file
+
+if TYPE_CHECKING:   # the `container` config section: runtime, image, binds, env
+    from ftlib.config import ContainerSection
 
 RUNTIMES = ("apptainer", "enroot", "charliecloud", "none")
 
@@ -90,16 +98,6 @@ _RUNTIME_HINTS = {"singularity": "apptainer", "pyxis": "enroot", "docker": "enro
                   "podman": "enroot", "ch-run": "charliecloud", "": "none", "host": "none"}
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-@dataclass
-class ContainerConfig:
-    """The `container` config section (the config module provides the same fields)."""
-
-    runtime: str = "none"          # apptainer | enroot | charliecloud | none
-    image: str | None = None       # .sif file (apptainer), .sqsh file (enroot), directory (charliecloud)
-    binds: list[str] = field(default_factory=list)   # "src" or "src:dst", absolute paths
-    env: list[str] = field(default_factory=list)     # names of variables passed through, never values
 
 
 @dataclass(frozen=True)
@@ -131,11 +129,14 @@ class ContainerLaunch:
         return "\n".join(lines) + "\n"
 
 
-def check_container(cfg: ContainerConfig, launch: ContainerLaunch | None = None) -> None:
+def check_container(cfg: ContainerSection, launch: ContainerLaunch | None = None) -> None:
     """Raise ValueError (one line: the key, the problem, the fix) if `cfg` cannot be launched.
 
-    With `launch` (from build_launch), a Charliecloud directory image is also checked for the
-    bind targets, which ch-run cannot create in a read-only image (except under its private /tmp).
+    What the config cannot check: the image file exists and is of the runtime's kind, the binds
+    and names are well-formed. (A runtime without an image is a config error already: config
+    validation asks for container.image.) With `launch` (from build_launch), a Charliecloud
+    directory image is also checked for the bind targets, which ch-run cannot create in a
+    read-only image (except under its private /tmp).
     """
     runtime = cfg.runtime
     if runtime not in RUNTIMES:
@@ -146,12 +147,8 @@ def check_container(cfg: ContainerConfig, launch: ContainerLaunch | None = None)
                          f"Valid runtimes are: {', '.join(RUNTIMES)}.")
     _parse_binds(cfg.binds)
     _check_names(cfg.env)
-    if runtime == "none":
+    if runtime == "none" or not cfg.image:
         return
-    if not cfg.image:
-        raise ValueError(f"container.image: not set, and runtime {runtime!r} needs one; "
-                         f"set container.image to {_IMAGE_KIND[runtime]} "
-                         f"(build it with {_IMAGE_HOWTO[runtime]}), or container.runtime=none.")
     image = Path(cfg.image).expanduser()
     if not image.exists():
         raise ValueError(f"container.image: {str(image)!r} does not exist; build it with "
@@ -159,6 +156,11 @@ def check_container(cfg: ContainerConfig, launch: ContainerLaunch | None = None)
     if runtime == "enroot" and not image.is_file():
         raise ValueError(f"container.image: {str(image)!r} is not a file; enroot/pyxis needs "
                          f"{_IMAGE_KIND[runtime]} (build it with {_IMAGE_HOWTO[runtime]}).")
+    if image.is_file():
+        kind = image_file_kind(image)
+        if kind not in _FILE_KINDS[runtime]:
+            raise ValueError(f"container.image: {str(image)!r} is {kind}, not {_IMAGE_KIND[runtime]} "
+                             f"that {runtime} runs; build it with {_IMAGE_HOWTO[runtime]}.")
     if runtime == "charliecloud" and image.is_dir() and launch is not None:
         for _, dst in launch.binds:
             target = image / dst.lstrip("/")
@@ -170,6 +172,22 @@ def check_container(cfg: ContainerConfig, launch: ContainerLaunch | None = None)
 
 _IMAGE_KIND = {"apptainer": "a .sif file", "enroot": "a .sqsh file",
                "charliecloud": "an image directory"}
+# What each runtime runs from a file (apptainer also runs a sandbox directory, charliecloud a
+# directory): by the file's first bytes, see image_file_kind.
+_FILE_KINDS = {"apptainer": ("a SIF image", "a SquashFS image"), "enroot": ("a SquashFS image",),
+               "charliecloud": ("a SquashFS image",)}
+
+
+def image_file_kind(path: Path) -> str:
+    """'a SIF image', 'a SquashFS image' or 'not an image file' (SIF: "SIF_MAGIC" at byte 32,
+    after the launch line; SquashFS: "hsqs" at byte 0)."""
+    with open(path, "rb") as handle:
+        head = handle.read(48)
+    if head[32:41] == b"SIF_MAGIC":
+        return "a SIF image"
+    if head[:4] == b"hsqs":
+        return "a SquashFS image"
+    return "not an image file"
 _IMAGE_HOWTO = {
     "apptainer": "containers/build.sh IMAGE.sif",
     "enroot": "`enroot import -o IMAGE.sqsh dockerd://ftlib` after `docker build -f containers/Dockerfile -t ftlib .`",
@@ -177,7 +195,7 @@ _IMAGE_HOWTO = {
 }
 
 
-def build_launch(cfg: ContainerConfig, *, run_dir: str | os.PathLike,
+def build_launch(cfg: ContainerSection, *, run_dir: str | os.PathLike,
                  storage_root: str | os.PathLike | None = None,
                  hf_cache: str | os.PathLike | None = None, gpus: bool = False,
                  python: str | None = None,
@@ -227,17 +245,24 @@ def _apptainer(image, binds, names, values, run_dir, gpus, python) -> str:
         flags += ["--nv", "--bind", "/dev/shm"]
     flags += ["--bind", ",".join(f"{src}:{dst}" for src, dst in binds)] if binds else []
     for name, value in values.items():
-        flags += ["--env", f"{name}={value}"]
+        flags += ["--env", f"{name}={_apptainer_escape(value)}"]
     flags += ["--pwd", run_dir]
     exec_line = shlex.join(["exec", "apptainer", "exec", *flags, image, python]) + ' "$@"'
-    # awk lists the names (ENVIRON copes with any value); eval sees only `"$NAME"`, never a value.
+    # awk lists the names (ENVIRON copes with any value); eval sees only `"$NAME"`, never a value;
+    # the sed escapes what apptainer would expand (a trailing x keeps trailing newlines).
     script = "; ".join([
         f'for n in $({_awk_names("(APPTAINER|SINGULARITY)[A-Za-z0-9_]*")}); do unset "$n"; done',
         f"for n in $({_awk_names(_names_regex(names))}); do "
-        'eval "export APPTAINERENV_$n=\\"\\$$n\\""; done',
+        r'eval "v=\"\$$n\""; case $v in *[\\\$\`]*) v=$(printf %sx "$v" | sed "s/[\\\\\$\`]/\\\\&/g"); '
+        r'v=${v%x};; esac; export "APPTAINERENV_$n=$v"; done',
         exec_line,
     ])
     return shlex.join(["/bin/sh", "-c", script, "ftlib-apptainer"])
+
+
+def _apptainer_escape(value: str) -> str:
+    """What apptainer expands back into `value` (see the module docstring)."""
+    return re.sub(r"([\\$`])", r"\\\1", str(value))
 
 
 def _awk_names(regex: str) -> str:
@@ -325,10 +350,12 @@ def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def image_provenance(cfg: ContainerConfig) -> dict[str, Any]:
+def image_provenance(cfg: ContainerSection) -> dict[str, Any]:
     """What the run directory records about the image: path, kind and a digest.
 
-    A file (.sif, .sqsh): its sha256 (reads the whole file: ~20-40 s for a 10 GB image).
+    A file (.sif, .sqsh): its sha256 (reads the whole file: ~20-40 s for a 10 GB image), and the
+    hash of what it was built from when containers/build.sh left it beside the image
+    (IMAGE.inputs-sha256; the job records the same one from inside, see ftlib.provenance).
     A directory image: sha256 of its listing (relative path, type, mode, size, mtime, link
     target of every entry, sorted), not of file contents; a rebuilt or changed image differs.
     """
@@ -339,6 +366,9 @@ def image_provenance(cfg: ContainerConfig) -> dict[str, Any]:
     record["image"] = str(image)
     if image.is_file():
         record.update(kind="file", size=image.stat().st_size, sha256=sha256_file(image))
+        inputs = image.with_name(image.name + ".inputs-sha256")
+        if inputs.is_file():
+            record["inputs_sha256"] = inputs.read_text().strip()
     elif image.is_dir():
         entries, digest = _listing_digest(image)
         record.update(kind="directory", entries=entries, listing_sha256=digest)

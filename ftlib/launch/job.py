@@ -12,6 +12,10 @@ KillWait seconds (30 by default) before SIGKILL. submitit ignores it; ftlib save
 the end of the step and exits without asking for a requeue: Slurm itself requeues the job when
 that is what it is doing, and a cancelled job stays cancelled. A node failure restarts from the
 last periodic checkpoint.
+
+Restart budgets (launch/requeue.py): requeues the job asked for at its time limit count against
+slurm.max_requeues; restarts Slurm made on its own (SIGTERM or no signal: preemption, an admin's
+requeue, a node failure) against slurm.max_preemptions. Both counts live in state.json.
 """
 from __future__ import annotations
 
@@ -25,10 +29,12 @@ import submitit
 
 from ..callbacks import StopRequest
 from ..config import RunConfig
+from ..console import record_failure
 from ..distributed import is_main_process
 from ..recipe import run_recipe
-from ..storage import RunDir, update_state
-from .requeue import ask_for_requeue, check_restart_budget
+from ..storage import RunDir, read_json, update_state
+from .requeue import (ask_for_requeue, check_restart_budget, count_restarts, record_requeue_request,
+                      restart_count)
 
 
 SIGTERM_REASON = "signal SIGTERM"
@@ -61,16 +67,25 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = self.cfg
         run = RunDir(cfg.run_root)
         export_distributed_env()
-        restarts = check_restart_budget(cfg.name, run.checkpoints, cfg.slurm.max_requeues)
+        restarts = count_restarts(read_json(run.state, default={}) or {}, os.environ.get("SLURM_JOB_ID"),
+                                  restart_count())
         if is_main_process():
-            update_state(run, status="running", requeues=restarts, job_id=slurm_job_id(),
-                         host=os.uname().nodename)
+            update_state(run, status="running", requeues=restarts.total, restarts=restarts.record(),
+                         job_id=slurm_job_id(), host=os.uname().nodename)
         stop = StopRequest()
         signal.signal(signal.SIGUSR2, lambda signum, frame: stop.set("signal SIGUSR2"))
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set(SIGTERM_REASON))
         _log(f"ftlib job: run {cfg.name} in {run.root}, Slurm job {os.environ.get('SLURM_JOB_ID')}, "
-             f"restart {restarts}")
-        result = run_recipe(cfg, stop=stop, log=_log)
+             f"restart {restarts.seen} ({restarts.time_limit} at the time limit, {restarts.preemption} by "
+             "preemption or node failure)")
+        try:
+            check_restart_budget(cfg.name, run.checkpoints, restarts, cfg.slurm)
+            result = run_recipe(cfg, stop=stop, log=_log)
+        except Exception as exc:
+            # submitit prints the traceback into the Slurm log; state.json says FAILED and why.
+            if is_main_process():
+                record_failure(run, exc, lambda _line: None)
+            raise
         if result.status != "interrupted":
             return {"status": result.status, "run_dir": str(result.run_dir), "global_step": result.global_step,
                     "train_loss": result.train_loss, "eval_loss": result.eval_loss,
@@ -81,6 +96,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             _log(f"checkpoint saved at step {result.global_step}; Slurm is ending the job (SIGTERM): "
                  "a requeue resumes from this checkpoint")
         else:
+            record_requeue_request(run, restarts)   # the next start counts it against slurm.max_requeues
             ask_for_requeue(self.requeue_dir)
             _log(f"checkpoint saved at step {result.global_step}; the batch script requeues the job")
         # No result file: the job is not over, and `submit --wait` must keep waiting (submitit

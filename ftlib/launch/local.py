@@ -4,18 +4,38 @@ from __future__ import annotations
 
 import sys
 
-from ..config import RunConfig
-from ..console import RunLog
+from ..config import ConfigError, RunConfig
+from ..console import RunLog, record_failure
+from ..data import DataError
 from ..distributed import is_main_process
 from ..recipe import RunResult, run_recipe
+from ..storage import RunDir
 from .multiproc import run_local_multiprocess
 
 
+class RunFailed(RuntimeError):
+    """A local run died; its traceback is in train.log and state.json says FAILED."""
+
+
 def run_local(cfg: RunConfig) -> RunResult:
-    """One run in this process, logging to its run directory's train.log (rank 0 only)."""
-    log = RunLog(cfg.run_root / "train.log" if is_main_process() else None)
+    """One run in this process, logging to its run directory's train.log (rank 0 only).
+
+    A run that dies is marked FAILED in state.json with a one-line summary, and its traceback goes
+    to train.log; the exception is raised again (a user error as itself: one line, exit 2)."""
+    run = RunDir(cfg.run_root)
+    log = RunLog(run.log if is_main_process() else None)
     log(f"run directory: {cfg.run_root}")
-    result = run_recipe(cfg, log=log)
+    try:
+        result = run_recipe(cfg, log=log)
+    except (ConfigError, DataError) as exc:
+        if is_main_process():
+            record_failure(run, exc, log.to_file, run.log)
+        raise
+    except Exception as exc:
+        if not is_main_process():
+            raise
+        summary = record_failure(run, exc, log.to_file, run.log)
+        raise RunFailed(f"run {cfg.name} failed: {summary}; the traceback is in {run.log}") from exc
     sys.stdout.flush()
     return result
 
@@ -28,7 +48,12 @@ def run_local_plan(runs: list[RunConfig]) -> int:
             print(f"local: run {i}/{len(runs)}: {cfg.name}", flush=True)
         if cfg.distributed.nproc > 1:
             status = run_local_multiprocess(cfg) or status
-        else:
+            continue
+        try:
             result = run_local(cfg)
-            print(f"run {result.status}: {result.run_dir}", flush=True)
+        except RunFailed as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            status = 1
+            continue
+        print(f"run {result.status}: {result.run_dir}", flush=True)
     return status

@@ -7,6 +7,7 @@ directory of the run), the way submitit hands it to Slurm tasks: it is not re-pa
 """
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def run_local_multiprocess(cfg: RunConfig) -> int:
 def load_handoff(path: str) -> RunConfig:
     """The launcher's config; only from a directory that the launcher made private to this user."""
     folder = Path(path).parent
-    if folder.stat().st_mode & 0o077:
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077 or Path(path).stat().st_uid != os.getuid():
         raise PermissionError(f"{folder}: not private to this user; refusing to unpickle from it")
     with open(path, "rb") as handle:
         return pickle.load(handle)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from typing import Any
 
 import submitit
 
-from ..config import RunConfig, extra_sbatch_options, slurm_time_minutes
+from ..config import ConfigError, RunConfig, extra_sbatch_options, slurm_time_minutes
+from ..config.secrets import shell_lines as token_file_lines
 from ..plan import array_folder, expand_runs, prepare_runs
 from ..storage import RunDir, atomic_write_json, read_json, update_state
 from .containers import build_launch, image_provenance
@@ -67,8 +69,11 @@ def make_plan(cfg: RunConfig, configs: list[RunConfig] | None = None) -> JobPlan
     folder = configs[0].run_root / "slurm" if len(configs) == 1 else array_folder(cfg)
     # WANDB_SERVICE points at the wandb-core of whatever process ran sbatch (a notebook, a test):
     # inherited by the job, it makes the job talk to that process, and a requeue finds it gone.
-    setup = [*requeue_trap(folder), "unset WANDB_SERVICE",
-             f"export HF_HOME={_quote(os.path.expanduser(cfg.storage.hf_cache))}"]
+    # HF_HOME absolute: the job's working directory is wherever sbatch ran, so a relative cache
+    # (./.cache/huggingface) would be a different, empty cache for every submit directory.
+    setup = [*requeue_trap(folder), "unset WANDB_SERVICE", f"export HF_HOME={_quote(hf_home(cfg))}"]
+    # Tokens named by WANDB_API_KEY_FILE / HF_TOKEN_FILE are read on the node: the script holds paths only.
+    setup += token_file_lines()
     if cfg.storage.offline:
         setup += ["export HF_HUB_OFFLINE=1", "export HF_DATASETS_OFFLINE=1"]
     params["setup"] = setup + list(s.setup)
@@ -81,16 +86,55 @@ def _quote(text: str) -> str:
     return shlex.quote(text)
 
 
+def hf_home(cfg: RunConfig) -> str:
+    """storage.hf_cache as an absolute path (relative to the directory of the submission)."""
+    return os.path.abspath(os.path.expanduser(cfg.storage.hf_cache))
+
+
+# ---------------------------------------------------------------------------- the submitit folder
+def check_private_folder(folder: Path) -> None:
+    """Refuse a submitit folder that another user could write: its pickles run as this user (the
+    job unpickles them, and `--wait` unpickles the results). A missing folder is fine (made 0700)."""
+    try:
+        info = folder.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{folder}: the submitit folder is not a directory (a link or a file); remove it")
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{folder}: the submitit folder (job pickles that run as you) belongs to uid "
+                          f"{info.st_uid}, not to you (uid {os.getuid()}); remove it or use another storage.root")
+    if info.st_mode & 0o022:
+        raise ConfigError(f"{folder}: the submitit folder (job pickles that run as you) is writable by group or "
+                          f"others (mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 700 {_quote(str(folder))}")
+
+
+def private_folder(folder: Path) -> Path:
+    """The submitit folder, created 0700 (whatever the umask) or checked when it exists."""
+    check_private_folder(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    check_private_folder(folder)   # it may have appeared in between, made by someone else
+    os.chmod(folder, 0o700)        # ours: mkdir's mode is filtered by the umask, an older one may be 0755
+    return folder
+
+
 def container_launch(cfg: RunConfig):
     """How a task of this run starts inside its container (checked by ftlib.validation first)."""
     return build_launch(cfg.container, run_dir=cfg.run_root, storage_root=os.path.expanduser(cfg.storage.root),
-                        hf_cache=os.path.expanduser(cfg.storage.hf_cache), gpus=cfg.slurm.gpus_per_node > 0)
+                        hf_cache=hf_home(cfg), gpus=cfg.slurm.gpus_per_node > 0)
 
 
 def _python_command(cfg: RunConfig, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     launch = container_launch(cfg)
-    if launch.srun_args:
-        params["srun_args"] = list(launch.srun_args)
+    srun_args = list(launch.srun_args)
+    if cfg.slurm.nodes * params["ntasks_per_node"] > 1:
+        # A task that ends (the hung-rank watchdog, a crash) must end the step: without this, srun
+        # waits for a stopped peer until the time limit.
+        srun_args.append("--kill-on-bad-exit=1")
+    if srun_args:
+        params["srun_args"] = srun_args
     provenance = image_provenance(cfg.container) if cfg.container.runtime != "none" else {}
     return launch.python, provenance
 
@@ -107,6 +151,7 @@ def sbatch_script(plan: JobPlan) -> str:
 
 def render_plan(cfg: RunConfig, runs: list[RunConfig] | None = None) -> str:
     plan = make_plan(cfg, runs)
+    check_private_folder(plan.folder)   # --dry-run refuses what the submission would refuse
     lines = [f"# Slurm plan: {len(plan.configs)} run(s)"]
     lines += [f"#   {c.name}: {c.run_root}" for c in plan.configs]
     lines += ["# sbatch script (written by submitit at submission):", sbatch_script(plan)]
@@ -143,6 +188,7 @@ def arrays_keep_python(python: str):
 def submit_plan(plan: JobPlan) -> list:
     """Write each run's config.yaml and submit; returns submitit jobs (one per run)."""
     plan.configs = prepare_runs(plan.configs)
+    private_folder(plan.folder)   # after a fresh start's reset, which may remove the run directory
     executor = executor_for(plan)
     if plan.is_array:
         with arrays_keep_python(plan.python), executor.batch():
@@ -161,6 +207,7 @@ def submit_plan(plan: JobPlan) -> list:
 
 def submit(cfg: RunConfig, runs: list[RunConfig] | None = None, *, wait: bool = False) -> int:
     plan = make_plan(cfg, runs)
+    check_private_folder(plan.folder)   # before any run file is written: a refusal leaves nothing behind
     jobs = submit_plan(plan)
     for cfg_i, job in zip(plan.configs, jobs):
         print(f"submitted Slurm job {job.job_id}: run {cfg_i.name}")
@@ -175,6 +222,7 @@ def submit(cfg: RunConfig, runs: list[RunConfig] | None = None, *, wait: bool = 
         return 0
     failed = 0
     for cfg_i, job in zip(plan.configs, jobs):
+        check_private_folder(plan.folder)   # results are pickles too: not from a folder others could write
         try:
             result = job.results()[0]   # one result per task; rank 0's speaks for the run
             print(f"job {job.job_id} ({cfg_i.name}): {result.get('status')}")

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import sys
 
-from .local import run_local
+from .local import RunFailed, run_local
 from .multiproc import load_handoff
 
 
 def main() -> int:
-    result = run_local(load_handoff(sys.argv[1]))
+    try:
+        result = run_local(load_handoff(sys.argv[1]))
+    except RunFailed as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0 if result.status in ("completed", "already-complete") else 1
 
 

@@ -41,7 +41,7 @@ def estimate(cfg: RunConfig, model_cfg: Any):
         model_cfg, method=cfg.model.method, lora_r=int(cfg.lora.get("r", 8)),
         lora_target_modules=cfg.lora.get("target_modules") or "all-linear", compute_dtype=compute,
         double_quant=bool(q.get("bnb_4bit_use_double_quant")), micro_batch=int(t.get("per_device_train_batch_size", 8)),
-        seq_len=cfg.data.max_length, gradient_checkpointing=bool(t.get("gradient_checkpointing")),
+        seq_len=cfg.data.max_length, gradient_checkpointing=bool(t.get("activation_checkpointing")),
         optim=str(t.get("optim", "adamw_torch")), world_size=world,
         zero_stage=zero_stage(deepspeed_config(t.get("deepspeed"), cfg.source)),
         gradient_accumulation_steps=int(t.get("gradient_accumulation_steps", 1)),

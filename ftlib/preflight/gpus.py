@@ -173,7 +173,7 @@ def _fixes(estimate: MemoryEstimate, usable_gib: float) -> list[str]:
             out.append("a shorter max sequence length (per_device_train_batch_size is already 1)")
         if not estimate.gradient_checkpointing:
             ckpt = estimate.with_changes(gradient_checkpointing=True)
-            out.append(f"gradient_checkpointing=true (-> {fmt(ckpt)})")
+            out.append(f"training.activation_checkpointing=true (-> {fmt(ckpt)})")
         if estimate.method != "qlora":
             out.append(f"method qlora (-> {fmt(estimate.with_changes(method='qlora'))})")
         for n in (2, 4, 8):
@@ -185,7 +185,7 @@ def _fixes(estimate: MemoryEstimate, usable_gib: float) -> list[str]:
                     break
     else:
         out = ["a smaller per_device_train_batch_size with a larger gradient_accumulation_steps",
-               "gradient_checkpointing=true", "method qlora", "more GPUs with deepspeed zero3"]
+               "training.activation_checkpointing=true", "method qlora", "more GPUs with deepspeed zero3"]
     return out
 
 

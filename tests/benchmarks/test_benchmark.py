@@ -16,7 +16,7 @@ sys.path.insert(0, str(BENCH.parent))
 
 
 def test_choose_sizes_gives_both_arms_the_same_steps_and_examples():
-    from bench_training import choose_sizes
+    from fairness import choose_sizes
     from ftlib.data import pack
 
     lengths = [(37 * i) % 500 + 12 for i in range(400)]
@@ -29,7 +29,7 @@ def test_choose_sizes_gives_both_arms_the_same_steps_and_examples():
 
 
 def test_choose_sizes_refuses_a_pool_that_is_too_small():
-    from bench_training import choose_sizes
+    from fairness import choose_sizes
     with pytest.raises(ValueError, match="exactly 5 steps"):
         choose_sizes([500, 500, 500], 5, 4, 512)
 
@@ -88,3 +88,26 @@ def test_gpu_mode_skips_with_a_message_without_cuda(tmp_path, hf_cache):
                           cwd=REPO, env=subprocess_env(hf_cache), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CUDA is not available" in proc.stdout
+
+
+def test_half_padded_draw_pads_about_half_at_512_and_both_arms_get_equal_steps(tiny_config):
+    import bench_data
+    from fairness import choose_examples
+    from ftlib.data import pack, to_sample, tokenize_sample
+    from ftlib.model import load_tokenizer, resolve_model_path
+
+    cfg = tiny_config("data.max_length=512")
+    tokenizer = load_tokenizer(cfg, resolve_model_path(cfg))
+    lengths = {}
+    for draw in ("long-tailed", "half-padded"):
+        rows = bench_data.make_rows(400, seed=0, draw=draw)
+        lengths[draw] = [len(tokenize_sample(tokenizer, to_sample(r, cfg.data), cfg.data)["input_ids"]) for r in rows]
+    padding = {d: 1 - sum(v) / (512 * len(v)) for d, v in lengths.items()}
+    assert 0.4 < padding["half-padded"] < 0.6 and padding["long-tailed"] > 0.7, padding
+    # The default draw is unchanged by the draw parameter (same rows as before it existed).
+    assert bench_data.make_rows(5, seed=0) == bench_data.make_rows(5, seed=0, draw="long-tailed")
+    chosen, sizes = choose_examples(lengths["half-padded"], 20, 8, 512)
+    rows = pack([{"input_ids": [1] * lengths["half-padded"][i], "labels": [1] * lengths["half-padded"][i]}
+                 for i in chosen], 512)
+    assert len(rows) == sizes["packed_rows"]
+    assert math.ceil(len(chosen) / sizes["baseline_batch"]) == 20 == math.ceil(len(rows) / sizes["ftlib_batch"])

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from ftlib.export import gguf as ggufexp
+from ftlib.export import gguf_vocab
 from ftlib.templates import NAMED_TEMPLATES
 from ftlib.tiny import BUILTIN_MODELS, build_model
 
@@ -51,7 +52,7 @@ TOKENIZER_STRINGS = [
 QWEN2_PRE_TOKENIZER = {
     "type": "Sequence",
     "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": ggufexp._QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": gguf_vocab._QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
     ],
 }

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from ftlib.export import ollama
 from ftlib.export.gguf import export_gguf
 from ftlib.templates import END_OF_TURN, NAMED_TEMPLATES
 from ftlib.tiny import BUILTIN_MODELS, build_model
 
-TOOL = Path(__file__).parent / "tools" / "render_ollama_template.go"
+TOOL = REPO / "tests" / "tools" / "render_ollama_template.go"
 NAMES = list(NAMED_TEMPLATES)
 
 SYSTEM = "You are terse. Answer in one line."

@@ -1,5 +1,6 @@
-"""The tiny job through the real local Slurm, inside a real container runtime (Charliecloud's
-ch-run), through the same launcher code path as Apptainer; and no secret in any file ftlib wrote."""
+"""The tiny job through the real local Slurm, inside Charliecloud (ch-run, on the test image of
+containers/make-test-image.sh); and no secret in any file ftlib wrote. Apptainer runs for real in
+test_apptainer_slurm.py (the job image); pyxis/enroot cannot run here (golden files only)."""
 from __future__ import annotations
 
 import os
@@ -67,9 +68,10 @@ def test_tiny_job_runs_in_charliecloud_via_slurm_and_leaks_no_secret(image, tmp_
 
     # Inside the same container, the job sees bound paths, not unbound ones, and gets the secrets
     # by name only.
-    from ftlib.launch.containers import ContainerConfig, build_launch
-    launch = build_launch(ContainerConfig(runtime="charliecloud", image=str(image), binds=host_binds,
-                                          env=["WANDB_API_KEY", "HF_TOKEN"]),
+    from ftlib.config import ContainerSection
+    from ftlib.launch.containers import build_launch
+    launch = build_launch(ContainerSection(runtime="charliecloud", image=str(image), binds=host_binds,
+                                           env=["WANDB_API_KEY", "HF_TOKEN"]),
                           run_dir=run.root, storage_root=root, hf_cache=hf_cache)
     probe.write_text("import os, sys\n"
                      f"print(os.path.exists({str(run.manifest)!r}), os.path.exists({str(outside / 'private.txt')!r}),"

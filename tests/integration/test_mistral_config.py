@@ -17,9 +17,15 @@ sys.path.insert(0, str(REPO / "tests" / "export"))   # the GGUF reader and Go te
 from test_gguf import _field, _reader  # noqa: E402
 from test_ollama import renderer  # noqa: E402,F401  (the Go text/template fixture)
 
-CPU_DEBUG = ["model.name=builtin:tiny-mistral-spm", "training.bf16=false",
-             "quantization.bnb_4bit_compute_dtype=float32", "training.optim=adamw_torch",
-             "training.max_steps=20", "data.max_length=256"]
+def documented_cpu_debug_overrides() -> list[str]:
+    """The key=value overrides of the CPU debug command in configs/mistral.yaml's comments."""
+    text = (REPO / "configs" / "mistral.yaml").read_text()
+    block = text.split("# Debug this config on CPU", 1)[1].split("\ntracking:", 1)[0]
+    command = " ".join(line.lstrip("#").strip().rstrip("\\") for line in block.splitlines() if "=" in line)
+    return [token for token in command.split() if "=" in token and "." in token.split("=")[0]]
+
+
+CPU_DEBUG = documented_cpu_debug_overrides()
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +37,14 @@ def run(tmp_path_factory, hf_cache) -> RunDir:
                           cwd=REPO, env=subprocess_env(hf_cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return RunDir(root / "mistral-7b-qlora")
+
+
+def test_the_documented_cpu_debug_command_shows_loss_falling(run):
+    import json
+    assert "model.name=builtin:tiny-mistral-spm" in CPU_DEBUG and "training.max_steps=30" in CPU_DEBUG
+    report = json.loads((run.root / "report.json").read_text())
+    base, tuned = report["base"]["loss"], report["fine_tuned"]["loss"]
+    assert tuned < base - 0.5, (base, tuned)
 
 
 def test_cpu_debug_run_leaves_every_artifact(run):

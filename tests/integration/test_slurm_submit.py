@@ -112,7 +112,7 @@ def test_requeue_mid_training_resumes_to_the_uninterrupted_adapter(how, tmp_path
 
 def test_requeues_past_the_limit_fail_with_a_clear_message(tmp_path, hf_cache):
     root = tmp_path / "runs"
-    proc = submit(hf_cache, root, "training.max_steps=100000", "slurm.max_requeues=0", wait=False)
+    proc = submit(hf_cache, root, "training.max_steps=100000", "slurm.max_preemptions=0", wait=False)
     assert proc.returncode == 0, proc.stderr
     run = RunDir(root / "tiny")
     job_id = read_json(run.state)["job_id"]
@@ -121,7 +121,7 @@ def test_requeues_past_the_limit_fail_with_a_clear_message(tmp_path, hf_cache):
     wait_for(lambda: sacct_state(job_id) in ("FAILED", "COMPLETED"), timeout=180, what="the job to end")
     log = Path(read_json(run.state)["log"]).read_text()
     assert sacct_state(job_id) == "FAILED"
-    assert "more than slurm.max_requeues=0" in log
+    assert "more than slurm.max_preemptions=0" in log
 
 
 def test_scancel_saves_a_checkpoint_and_stays_cancelled(tmp_path, hf_cache):

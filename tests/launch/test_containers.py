@@ -1,10 +1,14 @@
 """Container launch (ftlib/launch/containers.py) and the image recipes (containers/).
 
 (a) golden command lines for apptainer, enroot/pyxis and charliecloud (FTLIB_UPDATE_GOLDEN=1 rewrites);
-(b) a checker for containers/ftlib.def and containers/Dockerfile: sections, exact base tag, pins;
+    pyxis/enroot cannot run on these machines, so for it the golden file is the only test;
+(b) the recipes: containers/requirements.txt is the one list of pins (exact, inside pyproject.toml's
+    ranges), and containers/build.sh, containers/ftlib.def and containers/Dockerfile install it only
+    through containers/install-stack.sh, which installs exactly that list (run against a recording
+    stand-in python); ftlib.def's sections, base tag and environment;
 (c) real runs: ch-run on a test image made by containers/make-test-image.sh, through the same
-    ContainerLaunch.python string submitit runs (by a shell, and by submitit's local executor),
-    and the apptainer per-task wrapper against a stand-in `apptainer` that records what it got;
+    ContainerLaunch.python string submitit runs (by a shell, and by submitit's local executor).
+    Apptainer runs for real in tests/integration/test_apptainer_slurm.py (the built image);
 (d) secrets: values of passed variables appear in no command, sbatch script or file.
 """
 from __future__ import annotations
@@ -18,17 +22,21 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 import uuid
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
-from ftlib.launch.containers import (PASSED_ENV, ContainerConfig, ContainerLaunch, build_launch,
-                                     check_container, image_provenance)
+from conftest import REPO, TINY_CONFIG
+from ftlib.config import ConfigError, ContainerSection, load_config
+from ftlib.launch.containers import (PASSED_ENV, ContainerLaunch, build_launch, check_container,
+                                     image_file_kind, image_provenance)
 
-REPO = Path(__file__).resolve().parent.parent
-GOLDEN = Path(__file__).resolve().parent / "golden" / "containers"
-MAKE_TEST_IMAGE = REPO / "containers" / "make-test-image.sh"
+GOLDEN = REPO / "tests" / "golden" / "containers"
+CONTAINERS = REPO / "containers"
+MAKE_TEST_IMAGE = CONTAINERS / "make-test-image.sh"
 
 # The layout the golden files describe: a run under the storage root, an HF cache beside it.
 RUN_DIR, STORAGE, HF = "/shared/ftlib/runs/demo", "/shared/ftlib/runs", "/shared/hf"
@@ -42,7 +50,7 @@ GOLDEN_CASES = {  # golden file stem -> (runtime, gpus)
 
 
 def golden_launch(runtime: str, gpus: bool) -> ContainerLaunch:
-    cfg = ContainerConfig(runtime, IMAGES[runtime], list(USER_BINDS), ["MY_PROJECT_TOKEN"])
+    cfg = ContainerSection(runtime, IMAGES[runtime], list(USER_BINDS), ["MY_PROJECT_TOKEN"])
     return build_launch(cfg, run_dir=RUN_DIR, storage_root=STORAGE, hf_cache=HF, gpus=gpus)
 
 
@@ -96,14 +104,14 @@ def test_golden_launches_have_the_runtime_flags():
 
 
 def test_run_dir_outside_storage_is_bound_and_duplicates_dropped():
-    cfg = ContainerConfig("charliecloud", "/img", ["/data", "/data", "/data/sub"], [])
+    cfg = ContainerSection("charliecloud", "/img", ["/data", "/data", "/data/sub"], [])
     launch = build_launch(cfg, run_dir="/elsewhere/run", storage_root="/shared/runs", hf_cache="/shared/runs/hf")
     assert launch.binds == [("/shared/runs", "/shared/runs"), ("/elsewhere/run", "/elsewhere/run"),
                             ("/data", "/data")]
 
 
 def test_runtime_none_runs_this_interpreter_on_the_host():
-    launch = build_launch(ContainerConfig("none"), run_dir="/r")
+    launch = build_launch(ContainerSection("none"), run_dir="/r")
     assert shlex.split(launch.python) == [sys.executable]
     assert launch.srun_args == [] and launch.binds == []
 
@@ -116,7 +124,7 @@ def test_runtime_none_runs_this_interpreter_on_the_host():
     (dict(env=["HF_HOME"]), "container.env: HF_HOME is set by ftlib"),
 ])
 def test_bad_binds_and_env_are_config_errors(kwargs, key):
-    cfg = ContainerConfig("apptainer", "/img.sif", **kwargs)
+    cfg = ContainerSection("apptainer", "/img.sif", **kwargs)
     with pytest.raises(ValueError) as err:
         build_launch(cfg, run_dir="/r", hf_cache="/hf")
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
@@ -124,7 +132,7 @@ def test_bad_binds_and_env_are_config_errors(kwargs, key):
 
 def test_secret_names_cannot_be_set_by_value():
     with pytest.raises(ValueError, match="WANDB_API_KEY is passed by name only"):
-        build_launch(ContainerConfig("apptainer", "/img.sif"), run_dir="/r",
+        build_launch(ContainerSection("apptainer", "/img.sif"), run_dir="/r",
                      env_values={"WANDB_API_KEY": "abc"})
 
 
@@ -137,7 +145,7 @@ def test_secret_names_cannot_be_set_by_value():
 ])
 def test_unknown_runtime_names_key_valid_ones_and_nearest(runtime, suggestion):
     with pytest.raises(ValueError) as err:
-        check_container(ContainerConfig(runtime, "/img"))
+        check_container(ContainerSection(runtime, "/img"))
     message = str(err.value)
     assert message.startswith("container.runtime:") and "\n" not in message
     assert "apptainer, enroot, charliecloud, none" in message
@@ -146,20 +154,42 @@ def test_unknown_runtime_names_key_valid_ones_and_nearest(runtime, suggestion):
 
 def test_missing_image_is_a_one_line_error_with_the_fix(tmp_path):
     with pytest.raises(ValueError) as err:
-        check_container(ContainerConfig("apptainer", str(tmp_path / "nope.sif")))
+        check_container(ContainerSection("apptainer", str(tmp_path / "nope.sif")))
     assert str(err.value).startswith("container.image:") and "containers/build.sh" in str(err.value)
-    with pytest.raises(ValueError, match=r"^container\.image: not set"):
-        check_container(ContainerConfig("charliecloud", None))
     (tmp_path / "dir.sqsh").mkdir()
     with pytest.raises(ValueError, match="is not a file"):
-        check_container(ContainerConfig("enroot", str(tmp_path / "dir.sqsh")))
-    check_container(ContainerConfig("none"))  # no image needed
+        check_container(ContainerSection("enroot", str(tmp_path / "dir.sqsh")))
+    check_container(ContainerSection("none"))  # no image needed
+    check_container(ContainerSection("apptainer", str(tmp_path / "dir.sqsh")))  # a sandbox directory
+
+
+def test_runtime_without_image_is_refused_by_the_config_not_twice(tmp_path):
+    """check_container does not repeat what config validation checks (runtime without image)."""
+    with pytest.raises(ConfigError, match=r"container\.image"):
+        load_config(TINY_CONFIG, [f"storage.root={tmp_path}", "container.runtime=apptainer"])
+    check_container(ContainerSection("apptainer", None))
+
+
+def test_image_file_must_be_of_the_runtimes_kind(tmp_path):
+    sif, sqsh, text = tmp_path / "a.sif", tmp_path / "a.sqsh", tmp_path / "notes.sif"
+    sif.write_bytes(b"#!/usr/bin/env run-singularity\n".ljust(32, b"\0") + b"SIF_MAGIC\x0001" + bytes(64))
+    sqsh.write_bytes(b"hsqs" + bytes(60))
+    text.write_text("not an image at all, but long enough to have 48 bytes of header")
+    assert [image_file_kind(p) for p in (sif, sqsh, text)] == [
+        "a SIF image", "a SquashFS image", "not an image file"]
+    check_container(ContainerSection("apptainer", str(sif)))
+    check_container(ContainerSection("apptainer", str(sqsh)))
+    check_container(ContainerSection("enroot", str(sqsh)))
+    with pytest.raises(ValueError, match=r"^container\.image: .*notes\.sif' is not an image file, not a \.sif file"):
+        check_container(ContainerSection("apptainer", str(text)))
+    with pytest.raises(ValueError, match="is a SIF image, not a .sqsh file that enroot runs"):
+        check_container(ContainerSection("enroot", str(sif)))
 
 
 def test_charliecloud_bind_targets_must_exist_in_the_image(tmp_path):
     image = tmp_path / "img"
     (image / "usr").mkdir(parents=True)
-    cfg = ContainerConfig("charliecloud", str(image), ["/usr"])
+    cfg = ContainerSection("charliecloud", str(image), ["/usr"])
     launch = build_launch(cfg, run_dir="/shared/runs/demo", storage_root="/shared/runs", hf_cache="/tmp/hf")
     with pytest.raises(ValueError) as err:
         check_container(cfg, launch)
@@ -172,29 +202,33 @@ def test_charliecloud_bind_targets_must_exist_in_the_image(tmp_path):
 def test_image_provenance_file_and_directory(tmp_path):
     sif = tmp_path / "ftlib.sif"
     sif.write_bytes(b"not really a SIF" * 1000)
-    record = image_provenance(ContainerConfig("apptainer", str(sif)))
+    record = image_provenance(ContainerSection("apptainer", str(sif)))
     assert record == {"runtime": "apptainer", "image": str(sif), "kind": "file", "size": 16000,
                       "sha256": hashlib.sha256(sif.read_bytes()).hexdigest()}
+    (tmp_path / "ftlib.sif.inputs-sha256").write_text("ab" * 32 + "\n")   # containers/build.sh's
+    assert image_provenance(ContainerSection("apptainer", str(sif)))["inputs_sha256"] == "ab" * 32
 
     image = tmp_path / "img"
     (image / "usr" / "bin").mkdir(parents=True)
     (image / "usr" / "bin" / "python3").write_text("#!")
     (image / "bin").symlink_to("usr/bin")
-    first = image_provenance(ContainerConfig("charliecloud", str(image)))
+    first = image_provenance(ContainerSection("charliecloud", str(image)))
     assert first["kind"] == "directory" and first["entries"] == 4
-    assert image_provenance(ContainerConfig("charliecloud", str(image))) == first
+    assert image_provenance(ContainerSection("charliecloud", str(image))) == first
     (image / "usr" / "bin" / "python3").write_text("#!changed")
-    assert image_provenance(ContainerConfig("charliecloud", str(image)))["listing_sha256"] != first["listing_sha256"]
-    assert image_provenance(ContainerConfig("none")) == {"runtime": "none"}
+    assert image_provenance(ContainerSection("charliecloud", str(image)))["listing_sha256"] != first["listing_sha256"]
+    assert image_provenance(ContainerSection("none")) == {"runtime": "none"}
 
 
 # ---------------------------------------------------------------------------------------------
-# (b) the recipe checker: containers/ftlib.def and containers/Dockerfile
+# (b) the recipes: one list of pins, one installer, three recipes
 
-REQUIRED_SECTIONS = ("%files", "%post", "%environment", "%runscript", "%test", "%labels")
+REQUIREMENTS = CONTAINERS / "requirements.txt"
 REQUIRED_PINS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "omegaconf",
                  "submitit", "wandb", "gguf", "deepspeed", "safetensors", "tensorboard")
+REQUIRED_SECTIONS = ("%arguments", "%files", "%post", "%environment", "%runscript", "%test", "%labels")
 REPO_PATHS = ("pyproject.toml", "ftlib", "jobs", "configs")
+STACK_FILES = ("containers/requirements.txt", "containers/install-stack.sh", "containers/self-test.py")
 CACHE_VARS = ("HF_HOME", "TORCH_EXTENSIONS_DIR", "WANDB_DIR")
 _PIP_OPTIONS_WITH_VALUE = {
     "-c", "--constraint", "-i", "--index-url", "--extra-index-url", "-f", "--find-links", "-t",
@@ -202,17 +236,38 @@ _PIP_OPTIONS_WITH_VALUE = {
     "--src", "-C", "--config-settings", "--progress-bar", "--log", "--cache-dir", "--report",
     "--upgrade-strategy", "--trusted-host", "--proxy", "--retries", "--timeout", "--exists-action",
     "--no-binary", "--only-binary", "--global-option", "--root-user-action"}
-_PINNED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]*\])?==[A-Za-z0-9.+!_-]+")
+_LINE = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9.+!_-]+)"
+                   r"\s*(#\s*stage:\s*(?P<stage>[a-z]+))?\s*(#.*)?")
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_requirements(text: str) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """requirements.txt -> (name -> version, name -> stage, problems)."""
+    pins, stages, problems = {}, {}, []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _LINE.fullmatch(line.strip())
+        if not match:
+            problems.append(f"line {number}: {line.strip()!r} is not NAME==VERSION [# stage: NAME]")
+            continue
+        name = canonical(match["name"])
+        if name in pins:
+            problems.append(f"line {number}: {name} is pinned twice")
+        pins[name], stages[name] = match["version"], match["stage"] or ""
+    return pins, stages, problems
 
 
 def logical_lines(text: str) -> list[str]:
     return text.replace("\\\n", " ").splitlines()
 
 
-def pip_pins(script: str) -> tuple[dict[str, str], list[str]]:
-    """Every package named by a `pip install` in a shell script: name -> version, and problems."""
-    pins: dict[str, str] = {}
-    problems: list[str] = []
+def pip_installs(script: str) -> tuple[list[str], list[str]]:
+    """What the `pip install` commands of a shell script name: (packages, local paths)."""
+    packages, paths = [], []
     for line in logical_lines(script):
         try:
             lexer = shlex.shlex(line.split(" #", 1)[0], posix=True, punctuation_chars=True)
@@ -220,44 +275,42 @@ def pip_pins(script: str) -> tuple[dict[str, str], list[str]]:
             tokens = list(lexer)
         except ValueError:
             continue  # not shell (a heredoc's python): holds no pip command of its own
-        commands, current = [], []
-        for token in tokens:
-            if token and set(token) <= set(";&|()"):
-                commands.append(current)
-                current = []
+        for i, token in enumerate(tokens):
+            name = Path(token).name
+            if re.fullmatch(r"pip[0-9.]*", name) and tokens[i + 1:i + 2] == ["install"] \
+                    and tokens[i - 1:i] != ["-m"]:
+                args = tokens[i + 2:]
+            elif re.fullmatch(r"python[0-9.]*", name) and tokens[i + 1:i + 4] == ["-m", "pip", "install"]:
+                args = tokens[i + 4:]
             else:
-                current.append(token)
-        commands.append(current)
-        for argv in commands:
-            while argv and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", argv[0]):
-                argv = argv[1:]  # VAR=value prefixes
-            if len(argv) >= 3 and re.fullmatch(r"python[0-9.]*", Path(argv[0]).name) and argv[1:3] == ["-m", "pip"]:
-                argv = ["pip"] + argv[3:]
-            if len(argv) < 2 or not re.fullmatch(r"pip[0-9.]*", Path(argv[0]).name) or argv[1] != "install":
                 continue
-            args = iter(argv[2:])
-            for arg in args:
-                if arg in ("-r", "--requirement") or arg.startswith("--requirement="):
-                    problems.append(f"`{line.strip()}`: a requirements file hides its pins; name packages with ==")
-                    next(args, None)
+            j = 0
+            while j < len(args):
+                arg, following = args[j], args[j + 1] if j + 1 < len(args) else ""
+                j += 1
+                if set(arg) <= set(";&|()"):
+                    break                      # the end of this command
+                if set(arg) <= set("<>&") or (arg.isdigit() and following[:1] in "<>" and following):
+                    j += 1 if set(arg) <= set("<>&") and arg != "&" else 0
+                    continue                   # a redirection: `> log`, `2>&1`
+                if arg in ("-r", "--requirement"):
+                    packages.append(f"-r {following}")
+                    j += 1
                 elif arg in _PIP_OPTIONS_WITH_VALUE:
-                    next(args, None)
+                    j += 1
                 elif arg.startswith("-"):
                     continue
-                elif arg.startswith(("/", "./", "../")) or arg == ".":
-                    continue  # a local path (ftlib itself)
-                elif _PINNED.fullmatch(arg):
-                    name, version = arg.split("==")
-                    pins[re.sub(r"\[.*\]", "", name).lower()] = version
+                elif arg.startswith(("/", "./", "../", "$")) or arg == ".":
+                    paths.append(arg)   # a local path or a variable (ftlib itself, the stage pins)
                 else:
-                    problems.append(f"pip package {arg!r} is not pinned with == (in `{line.strip()}`)")
-    return pins, problems
+                    packages.append(arg)
+    return packages, paths
 
 
 def check_base(image: str) -> list[str]:
-    name, _, tag = image.partition("@")[0].rpartition(":") if ":" in image.split("/")[-1] else (image, "", "")
     if "@sha256:" in image:
         return []
+    tag = image.rpartition(":")[2] if ":" in image.split("/")[-1] else ""
     if not tag or tag == "latest" or not re.search(r"\d+\.\d+\.\d+", tag):
         return [f"base image {image!r} has no exact tag (need e.g. name:13.0.1-... or @sha256:...; never latest)"]
     return []
@@ -280,6 +333,18 @@ def parse_def(text: str) -> tuple[dict[str, str], dict[str, str]]:
     return header, {k: "\n".join(v) for k, v in sections.items()}
 
 
+def _stack_checks(what: str, script: str, copied: list[str]) -> list[str]:
+    """A recipe installs packages only through install-stack.sh, which it copies with the list."""
+    packages, _ = pip_installs(script)
+    problems = [f"{what} installs {p!r} itself; every package comes from containers/requirements.txt "
+                "through containers/install-stack.sh" for p in packages]
+    if "install-stack.sh" not in script:
+        problems.append(f"{what} does not run containers/install-stack.sh")
+    problems += [f"{what} does not copy {f} into the image" for f in STACK_FILES + REPO_PATHS
+                 if f not in copied]
+    return problems
+
+
 def check_def(text: str) -> tuple[list[str], dict]:
     header, sections = parse_def(text)
     problems = [f"section {s} is missing" for s in REQUIRED_SECTIONS if s not in sections]
@@ -287,18 +352,26 @@ def check_def(text: str) -> tuple[list[str], dict]:
         problems.append(f"Bootstrap must be docker, not {header.get('bootstrap')!r}")
     base = header.get("from", "")
     problems += check_base(base) if base else ["From: is missing"]
-    pins, pin_problems = pip_pins(sections.get("%post", ""))
-    problems += pin_problems
+    files = [line.split()[0] for line in sections.get("%files", "").splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    problems += _stack_checks("ftlib.def %post", sections.get("%post", ""), files)
+    if "requirements.txt" not in sections.get("%post", "") or "APPTAINER_LABELS" not in sections.get("%post", ""):
+        problems.append("ftlib.def %post does not label the image with the pins of requirements.txt")
+    if "self-test.py" not in sections.get("%test", ""):
+        problems.append("ftlib.def %test does not run containers/self-test.py")
     labels = dict(line.strip().split(None, 1) for line in sections.get("%labels", "").splitlines()
                   if line.strip() and not line.strip().startswith("#") and len(line.split()) > 1)
-    files = [line.split()[0] for line in sections.get("%files", "").splitlines() if line.strip()]
-    environment = sections.get("%environment", "")
-    return problems + _common_checks(pins, labels, base, files, environment), dict(
-        base=base, pins=pins, labels=labels, files=files)
+    problems += [f"label {key} repeats a pin (labels come from requirements.txt)" for key in labels
+                 if key.startswith("ftlib.pin.")]
+    if labels.get("ftlib.base") != base:
+        problems.append(f"label ftlib.base {labels.get('ftlib.base')!r} is not the base {base!r}")
+    problems += [f"{var} has no default in the image environment" for var in CACHE_VARS
+                 if not re.search(rf"\b{var}=", sections.get("%environment", ""))]
+    return problems, dict(base=base, labels=labels, files=files, sections=sections)
 
 
 def check_dockerfile(text: str) -> tuple[list[str], dict]:
-    problems, pins, labels, files, bases, env = [], {}, {}, [], [], []
+    problems, runs, files, bases, env = [], [], [], [], []
     for line in logical_lines(text):
         words = line.strip().split(None, 1)
         if not words or words[0].startswith("#"):
@@ -309,77 +382,113 @@ def check_dockerfile(text: str) -> tuple[list[str], dict]:
             bases.append(image)
             problems += check_base(image)
         elif instruction == "RUN":
-            if rest.startswith("["):
-                rest = shlex.join(json.loads(rest))
-            found, pin_problems = pip_pins(rest)
-            pins.update(found)
-            problems += pin_problems
-        elif instruction == "LABEL":
-            labels.update(token.split("=", 1) for token in shlex.split(rest))
+            runs.append(shlex.join(json.loads(rest)) if rest.startswith("[") else rest)
         elif instruction == "COPY":
-            files += [w for w in shlex.split(rest)[:-1] if not w.startswith("--")]
+            sources = [w for w in shlex.split(rest)[:-1] if not w.startswith("--")]
+            files += sources
         elif instruction == "ENV":
             env.append(rest)
     if not bases:
         problems.append("FROM is missing")
-    base = bases[-1] if bases else ""
-    return problems + _common_checks(pins, labels, base, files, "\n".join(env)), dict(
-        base=base, pins=pins, labels=labels, files=files)
-
-
-def _common_checks(pins, labels, base, files, environment) -> list[str]:
-    problems = [f"{name} is not installed with a pinned version" for name in REQUIRED_PINS if name not in pins]
-    for name, version in pins.items():
-        if labels.get(f"ftlib.pin.{name}") != version:
-            problems.append(f"label ftlib.pin.{name} is {labels.get(f'ftlib.pin.{name}')!r}, pin is {version!r}")
-    problems += [f"label {key} names no pinned package" for key in labels
-                 if key.startswith("ftlib.pin.") and key[len("ftlib.pin."):] not in pins]
-    if labels.get("ftlib.base") != base:
-        problems.append(f"label ftlib.base {labels.get('ftlib.base')!r} is not the base {base!r}")
-    problems += [f"the repository's {p} is not copied into the image" for p in REPO_PATHS if p not in files]
+    problems += _stack_checks("the Dockerfile", "\n".join(runs), files)
+    if not any("self-test.py" in r and "--write-marker" not in r for r in runs):
+        problems.append("the Dockerfile does not run containers/self-test.py")
     problems += [f"{var} has no default in the image environment" for var in CACHE_VARS
-                 if not re.search(rf"\b{var}=", environment)]
-    return problems
+                 if not re.search(rf"\b{var}=", "\n".join(env))]
+    return problems, dict(base=bases[-1] if bases else "", files=files)
 
 
-def test_ftlib_def_passes_the_checker():
-    problems, found = check_def((REPO / "containers" / "ftlib.def").read_text())
+def test_requirements_are_exact_pins_inside_pyproject_ranges():
+    pins, stages, problems = read_requirements(REQUIREMENTS.read_text())
+    assert problems == [], "containers/requirements.txt:\n  " + "\n  ".join(problems)
+    assert [n for n in REQUIRED_PINS if n not in pins] == []
+    assert stages["torch"] == "torch" and stages["deepspeed"] == "deepspeed" and stages["pip"] == "tools"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["deepspeed"]]
+    for req in wanted:
+        name = canonical(req.name)
+        assert name in pins, f"pyproject.toml needs {req}; containers/requirements.txt does not pin {name}"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"containers/requirements.txt pins {name}=={pins[name]}, outside pyproject.toml's {req}"
+
+
+def test_install_stack_installs_exactly_the_list(tmp_path):
+    """install-stack.sh against a stand-in python that records each pip command: every pin of
+    requirements.txt, in its stage, and nothing else; torch kept at the installed version."""
+    log = tmp_path / "pip.log"
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n"
+                    f'if [ "$1" = -c ]; then echo 2.13.0+cpu; exit 0; fi\n'
+                    f'printf "%s\\n" "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "FTLIB_TORCH"}
+    subprocess.run(["bash", str(CONTAINERS / "install-stack.sh"), str(fake), "/src/ftlib"],
+                   env=env, check=True, capture_output=True, timeout=60)
+    calls = log.read_text().splitlines()
+    pins, stages, _ = read_requirements(REQUIREMENTS.read_text())
+    named = [[w for w in call.split() if "==" in w] for call in calls]
+    expected = [sorted(f"{n}=={v}" for n, v in pins.items() if stages[n] == stage)
+                for stage in ("tools", "torch", "", "deepspeed")]
+    expected[2] = sorted(expected[2] + ["torch==2.13.0+cpu"])
+    expected[3] = sorted(expected[3] + ["torch==2.13.0+cpu"])
+    assert [sorted(n) for n in named[:4]] == expected
+    assert "--no-build-isolation" in calls[3]
+    assert calls[4].endswith("--no-deps --no-build-isolation /src/ftlib") and calls[5] == "-m pip check"
+    assert len(calls) == 6
+
+    log.unlink()
+    subprocess.run(["bash", str(CONTAINERS / "install-stack.sh"), str(fake)], check=True, capture_output=True,
+                   env=dict(env, FTLIB_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"))
+    second = log.read_text().splitlines()[1]
+    assert second.endswith("torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130")
+
+
+def test_every_recipe_installs_the_one_list_through_install_stack():
+    """build.sh, ftlib.def and the Dockerfile install the same package set: requirements.txt
+    through install-stack.sh, and nothing else but ftlib itself (--no-deps)."""
+    problems, found = check_def((CONTAINERS / "ftlib.def").read_text())
     assert problems == [], "containers/ftlib.def:\n  " + "\n  ".join(problems)
-    assert found["pins"]["torch"] == "2.13.0" and found["pins"]["transformers"] == "5.23.0"
-
-
-def test_dockerfile_passes_the_checker_and_matches_the_def():
-    problems, docker = check_dockerfile((REPO / "containers" / "Dockerfile").read_text())
+    problems, docker = check_dockerfile((CONTAINERS / "Dockerfile").read_text())
     assert problems == [], "containers/Dockerfile:\n  " + "\n  ".join(problems)
-    _, apptainer = check_def((REPO / "containers" / "ftlib.def").read_text())
-    assert docker["base"] == apptainer["base"]
-    assert docker["pins"] == apptainer["pins"], "the Dockerfile and ftlib.def pin different packages"
+    assert docker["base"] == found["base"]
+    build = (CONTAINERS / "build.sh").read_text()
+    packages, paths = pip_installs(build)
+    assert packages == [] and paths == ["/opt/ftlib"]
+    assert re.search(r"install-stack\.sh /opt/venv/bin/python", build)
+    assert "requirements.txt" in build and "self-test.py" in build
+    # build.sh takes ftlib.def's runtime sections rather than repeating them
+    for section in ("%environment", "%runscript", "%test", "%help", "%labels"):
+        assert f'"{section}"' in build, f"build.sh does not take {section} from ftlib.def"
 
 
 def test_recipe_checker_catches_what_it_checks():
-    good = (REPO / "containers" / "ftlib.def").read_text()
+    good = (CONTAINERS / "ftlib.def").read_text()
+    assert check_def(good)[0] == []
     bad_tag = good.replace("From: nvidia/cuda:13.0.1-devel-ubuntu24.04", "From: nvidia/cuda:latest")
     assert any("no exact tag" in p for p in check_def(bad_tag)[0])
-    unpinned = good.replace("peft==0.21.2", "'peft>=0.21'")
-    assert any("'peft>=0.21' is not pinned" in p for p in check_def(unpinned)[0])
-    assert any("'peft' is not pinned" in p for p in check_def(good.replace("peft==0.21.2", "peft"))[0])
-    no_test = good.replace("%test", "%tst")
-    assert "section %test is missing" in check_def(no_test)[0]
-    torch_floats = good.replace("pip install --no-cache-dir torch==2.13.0",
-                                "python3 -m pip install --no-cache-dir torch")
-    assert any("'torch' is not pinned" in p for p in check_def(torch_floats)[0])
-    drift = good.replace("ftlib.pin.wandb 0.31.0", "ftlib.pin.wandb 0.30.0")
-    assert any("ftlib.pin.wandb" in p for p in check_def(drift)[0])
-    docker = (REPO / "containers" / "Dockerfile").read_text()
-    assert any("is not pinned" in p for p in check_dockerfile(
-        docker.replace("RUN pip install --no-cache-dir torch==2.13.0", "RUN pip install torch"))[0])
-    assert any("requirements file" in p for p in check_dockerfile(
-        docker + "\nRUN pip install -r requirements.txt\n")[0])
+    extra = good.replace("    rm -rf /opt/ftlib/build", "    pip install --no-cache-dir peft==0.21.2\n    rm -rf /opt/ftlib/build")
+    assert any("installs 'peft==0.21.2' itself" in p for p in check_def(extra)[0])
+    hidden = good.replace("    rm -rf /opt/ftlib/build", "    python3 -m pip install -r /tmp/more.txt\n    rm -rf /opt/ftlib/build")
+    assert any("'-r /tmp/more.txt'" in p for p in check_def(hidden)[0])
+    assert "section %test is missing" in check_def(good.replace("%test", "%tst"))[0]
+    assert any("does not copy containers/self-test.py" in p
+               for p in check_def(good.replace("    containers/self-test.py /opt", "    #"))[0])
+    assert any("repeats a pin" in p for p in check_def(good.replace("%labels\n", "%labels\n    ftlib.pin.peft 0.21.2\n"))[0])
+    docker = (CONTAINERS / "Dockerfile").read_text()
+    assert check_dockerfile(docker)[0] == []
+    assert any("installs 'torch'" in p for p in check_dockerfile(docker + "\nRUN pip install torch\n")[0])
+    assert any("does not run containers/install-stack.sh" in p for p in check_dockerfile(
+        docker.replace("install-stack.sh /opt/venv", "true /opt/venv").replace(
+            "containers/requirements.txt containers/install-stack.sh", "containers/requirements.txt"))[0])
+    pins_problems = read_requirements("peft>=0.21\ntorch==2.13.0\ntorch==2.13.1\n")[2]
+    assert any("'peft>=0.21' is not NAME==VERSION" in p for p in pins_problems)
+    assert any("torch is pinned twice" in p for p in pins_problems)
 
 
 def test_scripts_are_valid_bash():
-    for script in ("build.sh", "make-test-image.sh"):
-        path = REPO / "containers" / script
+    for script in ("build.sh", "make-test-image.sh", "install-apptainer.sh", "install-stack.sh",
+                   "build-llama-cpp.sh"):
+        path = CONTAINERS / script
         assert os.access(path, os.X_OK), f"{path} is not executable"
         subprocess.run(["bash", "-n", str(path)], check=True)
 
@@ -388,11 +497,33 @@ def test_build_sh_without_apptainer_says_so(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     if any(Path(d, "apptainer").exists() for d in env["PATH"].split(":")):
         pytest.skip("apptainer is installed here")
-    result = subprocess.run([str(REPO / "containers" / "build.sh"), str(tmp_path / "x.sif")],
+    result = subprocess.run([str(CONTAINERS / "build.sh"), str(tmp_path / "x.sif")],
                             env=env, capture_output=True, text=True)
     assert result.returncode == 127
-    assert "apptainer is not on PATH" in result.stderr and "Dockerfile" in result.stderr
+    assert "apptainer is not on PATH" in result.stderr and "install-apptainer.sh" in result.stderr
     assert not (tmp_path / "x.sif").exists()
+
+
+def test_self_test_source_digest_covers_the_source_and_nothing_else(tmp_path):
+    """The digest that keys the image and that its marker records (containers/self-test.py)."""
+    script = str(CONTAINERS / "self-test.py")
+    run = lambda *args: subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                                       check=True).stdout.strip()
+    files = run("--source-files", str(REPO)).splitlines()
+    assert "ftlib/__init__.py" in files and "containers/requirements.txt" in files
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or ".egg-info" in f]
+    copy = tmp_path / "src"
+    for rel in files:
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (copy / rel).write_bytes((REPO / rel).read_bytes())
+    digest = run("--source-sha256", str(copy))
+    assert digest == run("--source-sha256", str(REPO))
+    (copy / "ftlib" / "__pycache__").mkdir(exist_ok=True)
+    (copy / "ftlib" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    (copy / "README.md").write_text("not part of the image")
+    assert run("--source-sha256", str(copy)) == digest
+    (copy / "ftlib" / "__init__.py").write_text((copy / "ftlib" / "__init__.py").read_text() + "\n# changed\n")
+    assert run("--source-sha256", str(copy)) != digest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,37 +536,6 @@ def _passed_by_default(name: str) -> bool:
 def _job_env(tmp_path, **extra) -> dict[str, str]:
     """The environment a Slurm task would have: the host's, plus variables to pass or not."""
     return {**os.environ, "USER": os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name, **extra}
-
-
-def test_apptainer_wrapper_passes_names_only_through_apptainerenv(tmp_path):
-    """Runs the per-task sh wrapper for real, against a stand-in `apptainer` that records
-    its argv and environment (apptainer itself cannot run on this machine)."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "apptainer").write_text(
-        f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\nenv -0 > {tmp_path}/env\n')
-    (fake_bin / "apptainer").chmod(0o755)
-    tricky = 'v"a\'l $(touch /tmp/pwned-ftlib) `id`\nsecond line ' + uuid.uuid4().hex
-    cfg = ContainerConfig("apptainer", "/images/ftlib.sif", [], ["FTLIB_TEST_PASSED"])
-    launch = build_launch(cfg, run_dir=str(tmp_path / "run"), gpus=True)
-    env = _job_env(tmp_path, PATH=f"{fake_bin}:{os.environ['PATH']}", FTLIB_TEST_PASSED=tricky,
-                   FTLIB_TEST_NOT_PASSED="nope", SLURM_PROCID="3", SUBMITIT_EXECUTOR="slurm",
-                   WANDB_API_KEY="k-" + uuid.uuid4().hex, APPTAINER_BIND="/etc",
-                   APPTAINERENV_SNEAKY="1", SINGULARITYENV_SNEAKY="1")
-    env.pop("HF_TOKEN", None)
-    command = f"{launch.python} -u -m submitit.core._submit /folder"
-    subprocess.run(command, shell=True, env=env, check=True, timeout=30)
-
-    argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[-6:] == ["/images/ftlib.sif", "python3", "-u", "-m", "submitit.core._submit", "/folder"]
-    seen = dict(item.split("=", 1) for item in (tmp_path / "env").read_text().split("\0") if "=" in item)
-    forwarded = {k[len("APPTAINERENV_"):]: v for k, v in seen.items() if k.startswith("APPTAINERENV_")}
-    assert forwarded == {"FTLIB_TEST_PASSED": tricky, "SLURM_PROCID": "3",
-                         "SUBMITIT_EXECUTOR": "slurm", "WANDB_API_KEY": env["WANDB_API_KEY"],
-                         **{k: v for k, v in env.items() if _passed_by_default(k)}}
-    assert not [k for k in seen if k.startswith(("APPTAINER_", "SINGULARITY"))]
-    assert not Path("/tmp/pwned-ftlib").exists()
-    assert tricky not in "\n".join(argv) and env["WANDB_API_KEY"] not in "\n".join(argv)
 
 
 @pytest.fixture(scope="module")
@@ -460,7 +560,7 @@ def test_charliecloud_run_sees_only_what_ftlib_binds_and_passes(ch_test_image, t
     for d in (run_dir, storage, hf, unbound):
         d.mkdir(parents=True)
     (unbound / "secret.txt").write_text("host only")
-    cfg = ContainerConfig("charliecloud", str(ch_test_image), _host_binds(ch_test_image), ["FTLIB_TEST_PASSED"])
+    cfg = ContainerSection("charliecloud", str(ch_test_image), _host_binds(ch_test_image), ["FTLIB_TEST_PASSED"])
     launch = build_launch(cfg, run_dir=run_dir, storage_root=storage, hf_cache=hf)
     check_container(cfg, launch)
     assert image_provenance(cfg)["kind"] == "directory"
@@ -516,7 +616,7 @@ def test_submitit_runs_the_job_function_inside_the_container(ch_test_image, tmp_
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    cfg = ContainerConfig("charliecloud", str(ch_test_image), _host_binds(ch_test_image), ["FTLIB_TEST_PASSED"])
+    cfg = ContainerSection("charliecloud", str(ch_test_image), _host_binds(ch_test_image), ["FTLIB_TEST_PASSED"])
     launch = build_launch(cfg, run_dir=run_dir)
     monkeypatch.setenv("USER", os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name)
     monkeypatch.setenv("FTLIB_TEST_PASSED", "yes")
@@ -561,3 +661,28 @@ def test_secret_values_appear_in_no_command_and_no_file(tmp_path, monkeypatch):
     # names are there, so the value can flow at run time
     assert all("MY_PROJECT_TOKEN" in t for t in texts[:3])
     assert set(PASSED_ENV) >= {"WANDB_API_KEY", "HF_TOKEN"}
+
+
+def test_a_start_records_the_container_it_runs_in(tmp_path, monkeypatch):
+    """provenance.running_container, as a job inside an ftlib image sees it (the real one:
+    tests/integration/test_apptainer_slurm.py)."""
+    from ftlib.provenance import running_container
+
+    for name in ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER", "CH_RUNNING"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FTLIB_HOME", str(tmp_path / "opt-ftlib"))
+    assert running_container() is None                       # on the host
+    (tmp_path / "opt-ftlib").mkdir()
+    (tmp_path / "opt-ftlib" / "image.json").write_text(json.dumps(
+        {"builder": "containers/build.sh", "inputs_sha256": "aa", "source_sha256": "bb", "built_at": "t",
+         "torch": "2.13.0+cpu"}))
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/ftlib.sif")
+    submitted = {"runtime": "apptainer", "image": "/images/ftlib.sif", "sha256": "cc", "inputs_sha256": "aa"}
+    assert running_container(submitted) == {
+        "runtime": "apptainer", "image": "/images/ftlib.sif", "builder": "containers/build.sh",
+        "inputs_sha256": "aa", "source_sha256": "bb", "built_at": "t", "matches_submitted": True}
+    assert running_container(dict(submitted, inputs_sha256="other"))["matches_submitted"] is False
+    assert running_container(dict(submitted, image="/images/old.sif"))["matches_submitted"] is False
+    monkeypatch.delenv("APPTAINER_CONTAINER")
+    monkeypatch.setenv("CH_RUNNING", "Weird Al Yankovic")
+    assert running_container()["runtime"] == "charliecloud"

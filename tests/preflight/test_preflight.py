@@ -113,7 +113,7 @@ def test_mistral_7b_qlora_is_plausible_and_fits_a100_40g():
     # Without checkpointing the same run keeps every layer's activations: it cannot fit 40 GB.
     no_ckpt = e.with_changes(gradient_checkpointing=False)
     assert no_ckpt.activations > 10 * e.activations
-    with pytest.raises(PreflightError, match="gradient_checkpointing=true"):
+    with pytest.raises(PreflightError, match="activation_checkpointing=true"):
         check_fits(no_ckpt, "a100-40g")
 
 

@@ -27,4 +27,4 @@ module load cuda/12.4
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/runs/mistral-7b-qlora/slurm/%j/%j_%t_log.out <PYTHON> -u -m submitit.core._submit /shared/runs/mistral-7b-qlora/slurm/%j
+srun --unbuffered --output /shared/runs/mistral-7b-qlora/slurm/%j/%j_%t_log.out --kill-on-bad-exit=1 <PYTHON> -u -m submitit.core._submit /shared/runs/mistral-7b-qlora/slurm/%j
