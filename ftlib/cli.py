@@ -23,7 +23,7 @@ from .launch.local import run_local_plan
 from .launch.slurm import render_plan, submit
 from .plan import expand_runs, prepare_runs, refuse_live_jobs, without_finished
 from .prefetch import prefetch
-from .storage import RunDir
+from .storage import DiskFull, LeaseHeld, RunDir
 from .sync import sync_runs
 from .validation import check_runs
 
@@ -41,7 +41,7 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
     def wrapper(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
-        except (ConfigError, DataError) as exc:
+        except (ConfigError, DataError, LeaseHeld, DiskFull) as exc:
             return _fail(str(exc))
     return wrapper
 

@@ -5,9 +5,11 @@ libraries' bars are turned off and ftlib logs one plain line per event instead.
 """
 from __future__ import annotations
 
+import os
 import traceback
 from pathlib import Path
 
+from .locks import shared_mode
 from .storage import RunDir, update_state
 
 
@@ -34,7 +36,9 @@ class RunLog:
     def to_file(self, line: str) -> None:
         """The log file only (a traceback belongs in the log; the terminal gets one line)."""
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as handle:
+            # Created with ftlib's shared mode (the umask, never group/world-writable): teammates read logs.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, shared_mode(False))
+            with os.fdopen(fd, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
 
 

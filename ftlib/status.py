@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .storage import RunDir, read_json
+from .storage import RunDir, read_json, verify_manifest
 from .sync import sync_state
 
 # Files and folders of which any one makes a directory look like a run.
@@ -90,17 +90,10 @@ def _read(path: Path, problems: list[str]) -> dict[str, Any]:
 def _artifacts(run: RunDir, problems: list[str]) -> str:
     """complete | damaged | partial | -; cheap (sizes, not hashes: status runs often, on big files)."""
     if run.manifest.exists():
-        try:
-            manifest = read_json(run.manifest)
-            files = manifest["files"]
-        except (json.JSONDecodeError, KeyError, TypeError, OSError):
-            problems.append("manifest.json unreadable")
-            return "damaged"
-        bad = [e["path"] for e in files if not (run.root / e["path"]).is_file()
-               or (run.root / e["path"]).stat().st_size != e["size"]]
+        bad = verify_manifest(run, deep=False)
         if bad:
-            problems.append(f"{len(bad)} artifact(s) missing or changed since manifest.json, e.g. {bad[0]} "
-                            f"(python jobs/export.py {run.root} re-makes exports)")
+            problems.append(f"artifacts damaged: {bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; "
+                            f"python jobs/export.py {run.root} re-makes exports")
             return "damaged"
         return "complete"
     if run.artifacts.exists() and any(run.artifacts.iterdir()):

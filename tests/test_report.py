@@ -143,7 +143,7 @@ def test_export_user_errors_exit_2(tiny_run, hf_cache, tmp_path, capsys):
     import shutil
 
     cfg, run, _ = tiny_run
-    from ftlib.export import reexport as export_cli
+    from ftlib import cli as export_cli
 
     unfinished = RunDir(tmp_path / "unfinished")
     unfinished.create()

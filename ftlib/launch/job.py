@@ -32,7 +32,7 @@ from ..config import RunConfig
 from ..console import record_failure
 from ..distributed import is_main_process
 from ..recipe import run_recipe
-from ..storage import RunDir, read_json, update_state
+from ..storage import LeaseHeld, RunDir, read_json, update_state
 from .requeue import (ask_for_requeue, check_restart_budget, count_restarts, record_requeue_request,
                       restart_count)
 
@@ -83,7 +83,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             result = run_recipe(cfg, stop=stop, log=_log)
         except Exception as exc:
             # submitit prints the traceback into the Slurm log; state.json says FAILED and why.
-            if is_main_process():
+            if is_main_process() and not isinstance(exc, LeaseHeld):
                 record_failure(run, exc, lambda _line: None)
             raise
         if result.status != "interrupted":

@@ -9,7 +9,7 @@ from ..console import RunLog, record_failure
 from ..data import DataError
 from ..distributed import is_main_process
 from ..recipe import RunResult, run_recipe
-from ..storage import RunDir
+from ..storage import DiskFull, LeaseHeld, RunDir
 from .multiproc import run_local_multiprocess
 
 
@@ -27,7 +27,9 @@ def run_local(cfg: RunConfig) -> RunResult:
     log(f"run directory: {cfg.run_root}")
     try:
         result = run_recipe(cfg, log=log)
-    except (ConfigError, DataError) as exc:
+    except LeaseHeld:
+        raise   # another job holds the run: its state.json is not this process's to mark
+    except (ConfigError, DataError, DiskFull) as exc:
         if is_main_process():
             record_failure(run, exc, log.to_file, run.log)
         raise

@@ -22,7 +22,7 @@ def run_local_multiprocess(cfg: RunConfig) -> int:
     """Hand the config to the workers and run torchrun; its exit status."""
     cfg.run_root.mkdir(parents=True, exist_ok=True)
     handoff = Path(tempfile.mkdtemp(prefix=".launch-", dir=cfg.run_root)) / "config.pkl"
-    atomic_write_bytes(handoff, pickle.dumps(cfg))
+    atomic_write_bytes(handoff, pickle.dumps(cfg), private=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={cfg.distributed.nproc}", "-m", "ftlib.launch.worker", str(handoff)]
     print(f"local: {cfg.distributed.nproc} processes: {' '.join(command)}", flush=True)

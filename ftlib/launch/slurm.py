@@ -22,6 +22,7 @@ import submitit
 from ..config import ConfigError, RunConfig, extra_sbatch_options, slurm_time_minutes
 from ..config.secrets import shell_lines as token_file_lines
 from ..plan import array_folder, expand_runs, prepare_runs
+from ..provenance import git_state
 from ..storage import RunDir, atomic_write_json, read_json, update_state
 from .containers import build_launch, image_provenance
 from .job import TrainJob
@@ -199,9 +200,12 @@ def submit_plan(plan: JobPlan) -> list:
         run = RunDir(cfg.run_root)
         update_state(run, status="submitted", job_id=str(job.job_id), submitted=time.time(),
                      log=str(job.paths.stdout), folder=str(plan.folder))
+        # The source's git state is read here, on the submitting host: an image holds no .git.
+        prov = read_json(run.provenance, default={}) or {}
+        prov.setdefault("git", git_state())
         if plan.container:
-            prov = read_json(run.provenance, default={}) or {}
-            atomic_write_json(run.provenance, dict(prov, container=plan.container))
+            prov["container"] = plan.container
+        atomic_write_json(run.provenance, prov)
     return jobs
 
 

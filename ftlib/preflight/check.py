@@ -4,11 +4,13 @@ for (the package's other modules do the arithmetic; this one maps the run config
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Any
 
 from ..config import ConfigError, RunConfig
 from ..data import is_local_file, read_rows, tokenized_rows
 from ..distributed import deepspeed_config, zero_stage
+from ..plan import room_warning
 from .gpus import check_fits, estimate_step_time, method_advice
 from .memory import estimate_memory
 from .report import format_report
@@ -106,4 +108,7 @@ def preflight(cfg: RunConfig, *, with_data: bool = False) -> str:
             check_fits(est, gpu)
         except PreflightError as exc:
             raise ConfigError(f"{cfg.source}: preflight: {exc}") from None
+    room = room_warning(cfg, est.n_params, est.n_trainable)   # checkpoints + artifacts vs free space
+    if room:
+        print(room, file=sys.stderr)   # a warning in every mode: submission prints no report
     return "# preflight\n" + report + (f"\n  {note}" if note else "")

@@ -90,8 +90,7 @@ def test_a_run_trained_under_umask_000_is_readable_by_teammates_and_writable_by_
     root, steps = shared_run
     assert steps[0]["exit"] == 0, steps[0]["stderr"][-3000:]
     modes = {k.removeprefix("tiny/").removeprefix("tiny"): v for k, v in steps[0]["modes"].items()}
-    # train.log is opened by console.RunLog itself (not through storage): outside this promise for now.
-    modes.pop("train.log")
+    assert "train.log" in modes   # console.RunLog creates it with the shared mode too
     writable = {k: oct(v) for k, v in modes.items() if v & 0o022}
     assert writable == {}, f"group/world-writable: {writable}"
     for name in ["config.yaml", "manifest.json", "report.md", "report.json", "state.json", "provenance.json",
