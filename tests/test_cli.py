@@ -146,6 +146,34 @@ def test_status_json_shape(tmp_path):
     assert (row["name"], row["status"], row["step_of_max"], row["loss"]) == ("r1", "running", "7/20", 1.5)
 
 
+def test_status_json_for_finished_requeued_and_cancelled_runs(tmp_path, monkeypatch):
+    from ftlib import status
+
+    def run_dir(name: str, state: dict, starts: int = 1) -> RunDir:
+        run = RunDir(tmp_path / name).create()
+        atomic_write_text(run.config, f"name: {name}\n")
+        atomic_write_json(run.state, state)
+        atomic_write_json(run.provenance, {"starts": [{"slurm_restart_count": i} for i in range(starts)]})
+        return run
+
+    done = run_dir("finished", {"status": "completed", "step": 60, "max_steps": 60, "train_loss": 0.5, "job_id": "11"})
+    (done.adapter).mkdir(parents=True)
+    (done.adapter / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    atomic_write_json(done.manifest, {"run": "finished", "files": [
+        {"path": "artifacts/adapter/adapter_model.safetensors", "size": 10, "sha256": "0" * 64}]})
+    atomic_write_text(done.root / "report.md", "# report\n")
+    run_dir("requeued", {"status": "running", "step": 30, "max_steps": 60, "loss": 1.25, "job_id": "12"}, starts=3)
+    run_dir("cancelled", {"status": "interrupted", "step": 5, "max_steps": 60, "job_id": "13"})
+    monkeypatch.setattr(status, "sacct_states", lambda ids: {"11": "COMPLETED", "12": "RUNNING", "13": "CANCELLED"})
+    rows = {r["name"]: r for r in json.loads(status.describe(status.table(tmp_path)))}
+    assert (rows["finished"]["status"], rows["finished"]["slurm_state"], rows["finished"]["artifacts"]) == \
+        ("completed", "COMPLETED", "complete")
+    assert rows["finished"]["report"] == str(done.root / "report.md") and rows["finished"]["loss"] == 0.5
+    assert (rows["requeued"]["requeues"], rows["requeued"]["step_of_max"]) == (2, "30/60")
+    assert (rows["cancelled"]["slurm_state"], rows["cancelled"]["status"]) == ("CANCELLED", "interrupted")
+    assert all(r["job_id"] for r in rows.values())
+
+
 def test_follow_waits_for_the_end_of_the_run_not_the_manifest(tmp_path):
     from ftlib.status import follow
 
