@@ -26,6 +26,16 @@ REPO = Path(__file__).resolve().parent.parent
 ARMS = ("baseline", "ftlib")
 
 
+def checkpointing_key(training: dict) -> str:
+    """The config's name for gradient checkpointing: `activation_checkpointing` (transformers 5's
+    name, ftlib's configs since the rename) or the older `gradient_checkpointing`."""
+    return "gradient_checkpointing" if "gradient_checkpointing" in training else "activation_checkpointing"
+
+
+def checkpointing_on(training: dict) -> bool:
+    return bool(training.get(checkpointing_key(training)))
+
+
 def run_baseline(plan: dict, heldout: list[dict], repeat: int = 0) -> dict[str, Any]:
     """The common QLoRA guide recipe, with the hyperparameters of the ftlib config."""
     import datasets
@@ -73,7 +83,7 @@ def run_baseline(plan: dict, heldout: list[dict], repeat: int = 0) -> dict[str, 
     keep_one_cpu_4bit_path(model)
     model.config.use_cache = False
     training = dict(plan["training"])
-    checkpointing = bool(training.get("gradient_checkpointing"))
+    checkpointing = checkpointing_on(training)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **plan["lora"]))
@@ -83,7 +93,7 @@ def run_baseline(plan: dict, heldout: list[dict], repeat: int = 0) -> dict[str, 
                     save_strategy="no", eval_strategy="no", include_num_input_tokens_seen=True,
                     use_cpu=not torch.cuda.is_available())
     if checkpointing:
-        training["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        training[checkpointing_key(training) + "_kwargs"] = {"use_reentrant": False}
     meter = make_meter(plan, heldout)
     trainer = Trainer(model=model, args=TrainingArguments(**training), train_dataset=train,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[meter])

@@ -244,7 +244,8 @@ def part_benchmark(ctx) -> tuple[str, str]:
     r["max_length"], r["sizes"] = plan["max_length"], plan["sizes"]
     r["quantization"], r["lora"] = plan["quantization"], {k: plan["lora"].get(k) for k in ("r", "lora_alpha",
                                                                                            "target_modules")}
-    r["gradient_checkpointing"] = plan["training"].get("gradient_checkpointing")
+    from arms import checkpointing_on
+    r["gradient_checkpointing"] = checkpointing_on(plan["training"])
     keys = ("useful_tokens_per_s", "total_tokens_per_s", "median_step_seconds", "train_seconds",
             "peak_memory_bytes", "peak_memory_absolute_bytes", "padding_fraction", "mfu", "model_flops",
             "useful_tokens", "total_tokens", "steps", "examples", "heldout_loss_before", "heldout_loss_after")

@@ -132,9 +132,24 @@ def _setup(ctx, rows: int):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
     model = qlora_model(cfg, path)
+    model.train()          # as the Trainer does: checkpointing and dropout act in training mode only
     ctx.result["model_load_seconds"] = time.perf_counter() - t0
     autocast = torch.bfloat16 if cfg.training.get("bf16") else None
     return cfg, model, packed_batch(cfg, path, rows, seq, device), device, autocast, seq
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Gradient (activation) checkpointing on or off, non-reentrant, as ftlib's Trainer sets it:
+    ftlib.model.build_training_model leaves it to the Trainer, and these parts train without one."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
 
 
 def _free(device: str) -> None:
@@ -192,10 +207,7 @@ def part_preflight(ctx) -> tuple[str, str]:
             entry.update(status="skipped", reason=f"{ctx.remaining():.0f} s left of the part's deadline")
             ctx.save()
             continue
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
+        set_checkpointing(model, checkpointing)
         batch = {k: v[:micro_batch] for k, v in batch1.items()}
         optimizer = torch.optim.AdamW(params, lr=2e-4)
         _free(device)
@@ -282,16 +294,20 @@ def part_speed_options(ctx) -> tuple[str, str]:
 
     import torch
 
+    from arms import checkpointing_on
+
     r = ctx.result
     rows = 2
     t0 = time.perf_counter()
     cfg, model, batch, device, autocast, seq = _setup(ctx, rows)
+    checkpointing = checkpointing_on(cfg.training)
+    set_checkpointing(model, checkpointing)
     r["setup_seconds"] = time.perf_counter() - t0
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     initial = {n: p.detach().clone() for n, p in params.items()}
     warmup, timed = (1, 2) if ctx.smoke else (2, 4)
     r.update(rows=rows, seq_len=seq, device=device, positions_per_step=rows * seq, warmup_steps=warmup,
-             timed_steps=timed, gradient_checkpointing=bool(cfg.training.get("gradient_checkpointing")),
+             timed_steps=timed, gradient_checkpointing=checkpointing,
              options={}, note="measured only; ftlib's defaults are not changed by this check")
     # Seconds an option needs at least (compiling ones more), so none starts that cannot finish.
     need = {"compile_lora": 60, "flex_attention": 40, "liger": 30} if not ctx.smoke else {}

@@ -3,11 +3,18 @@
 #
 #   bash benchmarks/make_gpu_kit.sh            # -> .gpukit/*.whl (ignored by git), size checked
 #
-# That machine (python 3.12, manylinux x86_64) has torch 2.11+cu130, transformers, peft,
-# accelerate, safetensors, tokenizers, triton, pyarrow, pandas, xxhash and pytest, but not
+# That machine (python 3.12, manylinux x86_64) has torch 2.11+cu130, transformers 5.17, peft,
+# accelerate 1.15, safetensors, tokenizers, triton, pyarrow, pandas, xxhash and pytest, but not
 # bitsandbytes, datasets (+ dill, multiprocess) or omegaconf. They travel as wheels in .gpukit/,
 # named in the device call's `carry` (README.md, "GPU check"), and are installed there with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpukit/*.whl
+# (PYTHONPATH=/tmp/site:. then puts them before the machine's own packages).
+# transformers and peft travel too, at the versions ftlib pins and is tested with here (5.23,
+# 0.21: ftlib uses transformers 5.23's training.activation_checkpointing, which 5.17 may lack);
+# KIT_DEVICE_TRANSFORMERS=1 leaves them out, to run on the machine's own.
+# bitsandbytes' wheel holds a native library per CUDA/ROCm/XPU version (43 MB); only those for
+# CPU and CUDA 13.x are kept (torch there is cu130; bitsandbytes picks the library by
+# torch.version.cuda), which makes it a few MB; KIT_FULL_BNB=1 keeps them all.
 # fsspec travels too (datasets pins fsspec<=2026.9.0; the version there has not been read), and
 # liger-kernel (Triton kernels, pure Python), so the check can measure it. pyarrow (datasets wants
 # >=24; the machine has one of unknown version) does not fit: its wheel alone is 55 MB.
@@ -46,6 +53,9 @@ WANT=(
     "fsspec==$(version_here fsspec 2026.9.0)"
     "liger-kernel==${LIGER_VERSION:-0.8.5}"
 )
+if [ -z "${KIT_DEVICE_TRANSFORMERS:-}" ]; then
+    WANT+=("transformers==$(version_here transformers 5.23.0)" "peft==$(version_here peft 0.21.2)")
+fi
 
 rm -rf "$KIT"
 mkdir -p "$KIT"
@@ -77,6 +87,30 @@ if [ -n "$ANTLR" ]; then
     "$PY" -m pip wheel -q --no-deps -w "$KIT" "antlr4-python3-runtime==4.9.3"
 else
     echo "make_gpu_kit: omegaconf vendors antlr4 (no antlr4-python3-runtime requirement): not built"
+fi
+
+if [ -z "${KIT_FULL_BNB:-}" ]; then
+    "$PY" - "$KIT" "${KIT_BNB_KEEP:-cpu,cuda130,cuda132}" <<'EOF'
+import os, re, sys, zipfile
+from pathlib import Path
+keep = set(sys.argv[2].split(","))
+for whl in Path(sys.argv[1]).glob("bitsandbytes-*.whl"):
+    with zipfile.ZipFile(whl) as src:
+        drop = {n for n in src.namelist()
+                if (m := re.fullmatch(r"bitsandbytes/libbitsandbytes_(\w+)\.so", n)) and m.group(1) not in keep}
+        slim = whl.with_name(whl.name + ".slim")
+        with zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
+            for info in src.infolist():
+                if info.filename in drop:
+                    continue
+                data = src.read(info.filename)
+                if info.filename.endswith(".dist-info/RECORD"):   # the dropped files leave RECORD too
+                    data = "".join(line + "\n" for line in data.decode().splitlines()
+                                   if line.split(",")[0] not in drop).encode()
+                dst.writestr(info, data)
+    os.replace(slim, whl)
+    print(f"make_gpu_kit: {whl.name}: kept the {', '.join(sorted(keep))} libraries, dropped {len(drop)}")
+EOF
 fi
 
 # One version of each distribution, or pip refuses the whole install there.

@@ -99,10 +99,14 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(cfg, path)
     model = build_training_model(cfg, path, log=lambda m: None)
     model.train()
+    from arms import checkpointing_on
+    from gpu_speed import set_checkpointing
+    checkpointing = checkpointing_on(cfg.training)
+    set_checkpointing(model, checkpointing)      # as the Trainer does (ftlib leaves it to the Trainer)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     variants = batches(cfg, tokenizer, args.max_length)
-    print(f"{args.model}, {args.threads} thread(s), {args.steps} timed steps each after 1 warm-up, "
-          f"torch {torch.__version__}")
+    print(f"{args.model}, {args.threads} thread(s), gradient checkpointing {checkpointing}, {args.steps} timed "
+          f"steps each after 1 warm-up, twice, torch {torch.__version__}")
     print(f"{'variant':10} {'rows x width':>12} {'real':>6} {'cpu s/step':>10} {'us/position':>12} "
           f"{'us/real token':>14}")
     order = ["padded-8", "padded-4", "padded-2", "packed-4", "packed-2", "causal-4", "mask-4"]

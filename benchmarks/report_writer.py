@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from arms import ARMS
+from arms import ARMS, checkpointing_on
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -223,7 +223,7 @@ def render_report(plan: dict, cmp: dict, machine: dict, vers: dict, command: str
         f"alpha={plan['lora'].get('lora_alpha')} on {plan['lora'].get('target_modules')}; hyperparameters from "
         f"`{plan['config']}` (lr {plan['training'].get('learning_rate')}, {plan['training'].get('lr_scheduler_type')}, "
         f"optim {plan['training'].get('optim')}, "
-        f"gradient checkpointing {plan['training'].get('gradient_checkpointing')}, "
+        f"gradient checkpointing {checkpointing_on(plan['training'])}, "
         f"seed {plan['seed']}), identical in both arms; max_length {plan['max_length']}.",
         f"- Data: `benchmarks/bench_data.py` draw `{plan.get('draw', 'long-tailed')}` (seeded, alpaca-like; pool shuffle seed "
         f"{sizes.get('shuffle_seed', 0)}, see choose_examples). The {sizes['examples']} training examples: "
