@@ -46,7 +46,8 @@ if not _cluster_up():
     pytest.skip("no local Slurm cluster: run `bash slurm/start-cluster.sh` first", allow_module_level=True)
 
 SEED = int(os.environ.get("FTLIB_STORM_SEED") or random.SystemRandom().randrange(2**31))
-MAX_STEPS = 40
+MAX_STEPS = 70
+WINDOW = 12   # steps between faults: on an idle machine a start trains a few steps a second
 STORM = (f"training.max_steps={MAX_STEPS}", "training.logging_steps=1", "training.save_steps=3",
          "training.eval_strategy=no", "export.merged=false", "export.report=false")
 FAULTS = ["usr2", "usr2", "requeue", "requeue", "kill"]
@@ -67,12 +68,12 @@ def sacct_state(job_id: str) -> str:
 
 def plan(seed: int) -> list[tuple[str, int, float]]:
     """The storm: (fault, step, delay): the fault strikes `delay` seconds after the start's first
-    checkpoint at or past `step` (checkpoints come every 3 steps); one window of 6 steps each, the
-    last ending 10 steps before the end, so that the run cannot finish before the last fault."""
+    checkpoint at or past `step` (checkpoints come every 3 steps); one window of WINDOW steps each,
+    the last ending well before the end, so that the run cannot finish before the last fault."""
     rng = random.Random(seed)
     faults = FAULTS[:]
     rng.shuffle(faults)
-    return [(fault, 3 + 6 * i + rng.randrange(4), round(rng.uniform(0, 1), 2)) for i, fault in enumerate(faults)]
+    return [(fault, 3 + WINDOW * i + rng.randrange(4), round(rng.uniform(0, 1), 2)) for i, fault in enumerate(faults)]
 
 
 class Job:
