@@ -196,7 +196,10 @@ def make_meter(plan: dict, heldout: list[dict]):
                 torch.cuda.reset_peak_memory_stats()
                 self.result["gpu_memory_start"] = torch.cuda.memory_allocated()
             self.result["peak_rss_reset"] = reset_peak_rss()
-            self.result["rss_start"] = proc_status("VmRSS")
+            # The start is the mark the reset just set (the RSS at that moment), not a second VmRSS
+            # read: the kernel's RSS counters are per-CPU estimates, and a later read can exceed the
+            # final VmHWM by a few pages (a negative growth, seen in CI).
+            self.result["rss_start"] = proc_status("VmHWM") if self.result["peak_rss_reset"] else proc_status("VmRSS")
             self.step_ends: list[float] = []
             self.cpu0 = time.process_time()
             self.t0 = time.perf_counter()
@@ -212,7 +215,8 @@ def make_meter(plan: dict, heldout: list[dict]):
             self.result["train_cpu_seconds"] = time.process_time() - self.cpu0
             edges = [self.t0] + self.step_ends
             self.result["step_seconds"] = [b - a for a, b in zip(edges[:-1], edges[1:])]
-            self.result["peak_rss"] = proc_status("VmHWM")
+            # The peak is at least the start by definition; the max guards the counter estimates.
+            self.result["peak_rss"] = max(proc_status("VmHWM"), self.result["rss_start"])
             self.result["global_step"] = state.global_step
             losses = [h["loss"] for h in state.log_history if "loss" in h]
             self.result["logged_train_losses"] = losses

@@ -22,6 +22,7 @@ import submitit
 from ..config import ConfigError, RunConfig, extra_sbatch_options, slurm_time_minutes
 from ..config.secrets import shell_lines as token_file_lines
 from ..plan import array_folder, expand_runs, prepare_runs
+from ..locks import privacy_problem
 from ..provenance import git_state
 from ..storage import RunDir, atomic_write_json, read_json, update_state
 from .containers import build_launch, image_provenance
@@ -102,12 +103,10 @@ def check_private_folder(folder: Path) -> None:
         return
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"{folder}: the submitit folder is not a directory (a link or a file); remove it")
-    if info.st_uid != os.getuid():
-        raise ConfigError(f"{folder}: the submitit folder (job pickles that run as you) belongs to uid "
-                          f"{info.st_uid}, not to you (uid {os.getuid()}); remove it or use another storage.root")
-    if info.st_mode & 0o022:
-        raise ConfigError(f"{folder}: the submitit folder (job pickles that run as you) is writable by group or "
-                          f"others (mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 700 {_quote(str(folder))}")
+    problem = privacy_problem(info, forbidden=0o022, owner_fix="remove it or use another storage.root",
+                              mode_fix=f"chmod 700 {_quote(str(folder))}")
+    if problem:
+        raise ConfigError(f"{folder}: the submitit folder (job pickles that run as you) {problem}")
 
 
 def private_folder(folder: Path) -> Path:
@@ -234,4 +233,24 @@ def submit(cfg: RunConfig, runs: list[RunConfig] | None = None, *, wait: bool = 
             failed += 1
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             print(f"job {job.job_id} ({cfg_i.name}) failed: {first}", file=sys.stderr)
+    for job in jobs:
+        failed += not _wait_for_slurm_end(job)
     return 1 if failed else 0
+
+
+def _wait_for_slurm_end(job, timeout: float = 300.0) -> bool:
+    """Wait until Slurm itself calls the job ended, and say whether it COMPLETED. The result pickle
+    exists a moment before: the batch script, the epilog and the accounting still run, and a
+    user's `submit --wait && next-step` must find the job over (sacct, not squeue: squeue forgets
+    an ended job)."""
+    deadline = time.monotonic() + timeout
+    while not job.watcher.is_done(job.job_id, mode="force"):
+        if time.monotonic() > deadline:
+            print(f"job {job.job_id}: Slurm still calls it {job.state} after {timeout:.0f} s; "
+                  f"see `sacct -j {job.job_id}`", file=sys.stderr)
+            return False
+        time.sleep(1.0)
+    state = job.state
+    if state.upper() != "COMPLETED":
+        print(f"job {job.job_id}: Slurm state {state}", file=sys.stderr)
+    return state.upper() == "COMPLETED"

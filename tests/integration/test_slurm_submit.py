@@ -1,7 +1,6 @@
 """Real jobs through the local Slurm cluster (slurm/start-cluster.sh), submitted by ftlib."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -12,21 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env, wait_for
+from conftest import NO_SLURM, REPO, SAMPLE_DATA, TINY_CONFIG, sacct_state, slurm_cluster_up, subprocess_env, wait_for
 from ftlib.storage import RunDir, read_json, verify_manifest
 
 pytestmark = pytest.mark.slurm
 
 
-def _cluster_up() -> bool:
-    if not shutil.which("sbatch"):
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and any(s.strip("*~") in ("idle", "mixed", "allocated") for s in out.stdout.split())
-
-
-if not _cluster_up():
-    pytest.skip("no local Slurm cluster: run `bash slurm/start-cluster.sh` first", allow_module_level=True)
+if not slurm_cluster_up():
+    pytest.skip(NO_SLURM, allow_module_level=True)
 
 
 def submit(hf_cache, root, *overrides, config=TINY_CONFIG, wait=True, timeout=600):
@@ -36,12 +28,6 @@ def submit(hf_cache, root, *overrides, config=TINY_CONFIG, wait=True, timeout=60
         args.append("--wait")
     return subprocess.run(args, cwd=REPO, env=subprocess_env(hf_cache), capture_output=True, text=True,
                           timeout=timeout)
-
-
-def sacct_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
-                         text=True).stdout.split()
-    return out[0] if out else ""
 
 
 def test_submitted_job_completes_with_artifacts_and_shows_in_status(tmp_path, hf_cache):
