@@ -8,7 +8,7 @@ failed, with artifacts that do not verify, or whose directory a live job or expo
 exactly as it is.
 
 A dry run and a real clean make the same plan, so the dry run prints exactly the paths and sizes
-the clean removes. A real clean holds the run's lease (storage.run_lease, as a training job or an
+the clean removes. A real clean holds the run's lease (locks.run_lease, as a training job or an
 export does) while it plans and removes, so no job can start on the run in between; each
 checkpoint leaves the checkpoint-N namespace in one rename before it is deleted (a kill leaves
 no half checkpoint that still looks resumable).
@@ -20,9 +20,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .locks import live_holder
-from .storage import (LeaseHeld, RunDir, fsync_dir, human, newest_complete_checkpoint, read_json, run_lease,
-                      tree_bytes, verify_manifest)
+from .locks import live_holder, run_lease
+from .storage import (LeaseHeld, RunDir, fsync_dir, human, newest_complete_checkpoint, read_json, tree_bytes,
+                      verify_manifest)
 
 DELETING_SUFFIX = ".deleting"   # storage's name for a checkpoint being deleted (clean_leftovers)
 

@@ -140,20 +140,12 @@ def status_parser(prog: str = "status.py") -> argparse.ArgumentParser:
 @guarded
 def status_main(argv: list[str] | None = None) -> int:
     args = status_parser(PROG.get("status", "status.py")).parse_args(argv)
-    if args.root:
-        root = Path(os.path.expanduser(args.root)).resolve()
-    elif args.config:
-        root = load_config(args.config).run_root.parent
-    else:
-        root = Path(os.environ.get("FTLIB_STORAGE", "./runs")).resolve()
+    root = _storage_root(args)
     if args.follow or args.command == "cancel":
         name = args.follow or args.run
         if not name:
             return _fail("cancel needs a run name: status.py cancel RUN")
-        run = RunDir(root / name)
-        if not run.config.exists():
-            known = ", ".join(r.name for r in status.find_runs(root)) or "none"
-            return _fail(f"no run named {name!r} under {root} (runs: {known}); pass --root or --config")
+        run = _named_run(root, name)
         if args.follow:
             status.follow(run)
             return 0
@@ -283,35 +275,59 @@ def _add_run_selection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="take the storage root from this config")
 
 
+def _storage_root(args: argparse.Namespace) -> Path:
+    """The storage root of --root, else of --config's storage.root, else $FTLIB_STORAGE or ./runs."""
+    if args.root:
+        return Path(os.path.expanduser(args.root)).resolve()
+    if args.config:
+        return load_config(args.config).run_root.parent
+    return Path(os.environ.get("FTLIB_STORAGE", "./runs")).resolve()
+
+
+def _named_run(root: Path, name: str) -> RunDir:
+    """The run `name` under root, or a one-line error listing the runs there."""
+    run = RunDir(root / name)
+    if not run.root.is_dir():
+        known = ", ".join(r.name for r in status.find_runs(root)) or "none"
+        raise ConfigError(f"no run named {name!r} under {root} (runs: {known}); pass --root or --config")
+    return run
+
+
 def _selected_runs(args: argparse.Namespace) -> tuple[Path, list[RunDir]]:
     """The storage root (as status finds it) and the named runs under it, or all of them."""
-    if args.root:
-        root = Path(os.path.expanduser(args.root)).resolve()
-    elif args.config:
-        root = load_config(args.config).run_root.parent
-    else:
-        root = Path(os.environ.get("FTLIB_STORAGE", "./runs")).resolve()
+    root = _storage_root(args)
     if not args.runs:
         return root, status.find_runs(root)
-    runs = [RunDir(root / name) for name in args.runs]
-    for run in runs:
-        if not run.root.is_dir():
-            known = ", ".join(r.name for r in status.find_runs(root)) or "none"
-            raise ConfigError(f"no run named {run.name!r} under {root} (runs: {known}); pass --root or --config")
-    return root, runs
+    return root, [_named_run(root, name) for name in args.runs]
+
+
+def _run_tool_parser(prog: str, description: str, examples: list[str], dry_run: str) -> argparse.ArgumentParser:
+    """The parser of a tool over runs under a root (clean, sync): run selection and --dry-run."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_selection(parser)
+    parser.add_argument("--dry-run", action="store_true", help=dry_run)
+    return parser
+
+
+def _over_selected_runs(args: argparse.Namespace, action) -> int:
+    """The exit status of `action(runs)` over the selected runs; an empty root is said, not an error."""
+    root, runs = _selected_runs(args)
+    if not runs:
+        print(f"no runs under {root}")
+        return 0
+    return action(runs)
 
 
 # ---------------------------------------------------------------------------- clean
 def clean_parser(prog: str = "clean.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Prune the checkpoints of finished runs (manifest.json verified, state "
-                               "completed); artifacts, report and the final checkpoint stay. Other runs "
-                               "are left untouched.",
-        epilog="examples:\n  %(prog)s --root runs --dry-run      # what would go, and how much space\n"
-               "  %(prog)s --root runs tiny\n  %(prog)s --config configs/mistral.yaml --all-checkpoints",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_selection(parser)
-    parser.add_argument("--dry-run", action="store_true", help="list exactly what would be removed; remove nothing")
+    parser = _run_tool_parser(
+        prog, "Prune the checkpoints of finished runs (manifest.json verified, state completed); artifacts, "
+              "report and the final checkpoint stay. Other runs are left untouched.",
+        ["%(prog)s --root runs --dry-run      # what would go, and how much space", "%(prog)s --root runs tiny",
+         "%(prog)s --config configs/mistral.yaml --all-checkpoints"],
+        dry_run="list exactly what would be removed; remove nothing")
     keep = parser.add_mutually_exclusive_group()
     keep.add_argument("--keep-final", dest="keep_final", action="store_true", default=True,
                       help="keep each run's final checkpoint (the default)")
@@ -323,33 +339,25 @@ def clean_parser(prog: str = "clean.py") -> argparse.ArgumentParser:
 @guarded
 def clean_main(argv: list[str] | None = None) -> int:
     args = clean_parser(PROG.get("clean", "clean.py")).parse_intermixed_args(argv)
-    root, runs = _selected_runs(args)
-    if not runs:
-        print(f"no runs under {root}")
+
+    def clean(runs: list[RunDir]) -> int:
+        clean_runs(runs, dry_run=args.dry_run, keep_final=args.keep_final)   # it returns the bytes freed
         return 0
-    clean_runs(runs, dry_run=args.dry_run, keep_final=args.keep_final)
-    return 0
+    return _over_selected_runs(args, clean)
 
 
 # ---------------------------------------------------------------------------- sync
 def sync_parser(prog: str = "sync.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Upload the offline W&B data of finished and running runs (wandb sync of "
-                               "each run's wandb/offline-run-* directories) from a machine with internet, "
-                               "and remember what was sent; status shows what is unsynced.",
-        epilog="examples:\n  WANDB_API_KEY=... %(prog)s --root runs\n  %(prog)s --config configs/mistral.yaml "
-               "--dry-run\n  %(prog)s --root runs tiny",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_selection(parser)
-    parser.add_argument("--dry-run", action="store_true", help="show what wandb would sync; send and mark nothing")
-    return parser
+    return _run_tool_parser(
+        prog, "Upload the offline W&B data of finished and running runs (wandb sync of each run's "
+              "wandb/offline-run-* directories) from a machine with internet, and remember what was sent; "
+              "status shows what is unsynced.",
+        ["WANDB_API_KEY=... %(prog)s --root runs", "%(prog)s --config configs/mistral.yaml --dry-run",
+         "%(prog)s --root runs tiny"],
+        dry_run="show what wandb would sync; send and mark nothing")
 
 
 @guarded
 def sync_main(argv: list[str] | None = None) -> int:
     args = sync_parser(PROG.get("sync", "sync.py")).parse_intermixed_args(argv)
-    root, runs = _selected_runs(args)
-    if not runs:
-        print(f"no runs under {root}")
-        return 0
-    return sync_runs(runs, dry_run=args.dry_run)
+    return _over_selected_runs(args, lambda runs: sync_runs(runs, dry_run=args.dry_run))

@@ -25,7 +25,8 @@ from .config import ConfigError, DataSection
 # Rows -> samples and their account live in data_rows.py; callers use them through this module.
 from .data_rows import BadRow, DataError, RowAccount, RowError, to_sample  # noqa: F401
 from .hub_cache import hub_dataset_source
-from .storage import atomic_write_json, file_lock, read_json, staging_dir
+from .locks import file_lock
+from .storage import atomic_write_json, read_json, staging_dir
 
 IGNORE_INDEX = -100
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

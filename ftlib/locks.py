@@ -19,6 +19,9 @@ needs only what every shared filesystem does atomically:
 * a stale lease is removed under a short-lived second lock (`NAME.break`, a mkdir, atomic
   everywhere) after reading it again, so two processes that both find it stale cannot remove a
   fresh lease that a third took in between.
+
+Its two uses: file_lock (a build of a token cache or a tiny model: waits, takes over a dead
+holder's) and run_lease (a run directory: one job or export at a time, refused at once).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -77,6 +81,17 @@ def make_dirs(path: str | os.PathLike) -> Path:
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder, shared_mode(True))
     return target
+
+
+def privacy_problem(info: os.stat_result, *, forbidden: int, owner_fix: str, mode_fix: str) -> str | None:
+    """Why a file or folder that speaks or runs as this user (a token, job pickles) is not private
+    to them: another owner, or `forbidden` mode bits; None when it is private."""
+    if info.st_uid != os.getuid():
+        return f"belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); {owner_fix}"
+    if info.st_mode & forbidden:
+        access = "readable or writable" if forbidden & 0o044 else "writable"
+        return f"is {access} by group or others (mode {stat.S_IMODE(info.st_mode):04o}); run: {mode_fix}"
+    return None
 
 
 # ---------------------------------------------------------------------------- leases
@@ -355,3 +370,19 @@ def held(path: str | os.PathLike, what: str, *, wait: bool, log: Callable[[str],
         yield lease
     finally:
         lease.release()
+
+
+# ---------------------------------------------------------------------------- the two uses
+def file_lock(path: str | os.PathLike):
+    """An exclusive lock between processes (ranks, array tasks, nodes) sharing a filesystem: waits
+    while a live holder builds, takes over a dead one's (a lease: see the module docstring)."""
+    make_dirs(Path(path).parent)
+    return held(path, "build", wait=True)
+
+
+def run_lease(run, what: str, log: Callable[[str], None] | None = None):
+    """The run directory (a storage.RunDir) for one job at a time; LeaseHeld (naming the holder) if it is taken."""
+    make_dirs(run.root)
+    return held(run.lease, what, wait=False, log=log, describe=lambda h: (
+        f"run {run.name} ({run.root}) is in use by {h.describe()}; wait for it to end, cancel it, or "
+        "choose another name=..."))

@@ -21,7 +21,8 @@ from typing import Any
 from .config import ConfigError, RunConfig, with_values
 from .locks import live_holder
 from .status import ENDED, sacct_states
-from .storage import LeaseHeld, RunDir, atomic_write_text, free_bytes, human, read_json, reset_run, run_lease
+from .locks import run_lease
+from .storage import LeaseHeld, RunDir, atomic_write_text, free_bytes, human, read_json, reset_run
 
 
 def expand_runs(cfg: RunConfig) -> list[RunConfig]:
@@ -73,7 +74,7 @@ def write_run_files(cfg: RunConfig, run: RunDir) -> None:
 def prepare_runs(runs: list[RunConfig]) -> list[RunConfig]:
     """Reset (once) and write each run's files; the configs to hand to the jobs.
 
-    A run whose directory a live job or export holds (its lease: storage.run_lease) is refused
+    A run whose directory a live job or export holds (its lease: locks.run_lease) is refused
     before anything is written, and each reset and config.yaml is written under the lease."""
     for cfg in runs:
         holder = live_holder(RunDir(cfg.run_root).lease)

@@ -20,11 +20,12 @@ from .distributed import is_main_process, local_rank
 from .distributed import prepare as prepare_strategy
 from .distributed import write_rank_report
 from .export.publish import publish_artifacts
+from .locks import run_lease
 from .plan import write_run_files
 from .provenance import record_start
 from .report import write_report
 from .storage import (RunDir, checkpoint_disk_full, checkpoint_step, clean_leftovers, discard_checkpoints_after,
-                      newest_complete_checkpoint, reset_run, run_lease, update_state)
+                      newest_complete_checkpoint, reset_run, update_state)
 from .tracking import finish_tracking, start_tracking
 
 
@@ -69,7 +70,7 @@ def training_arguments(cfg: RunConfig, run: RunDir, report_to: list[str]):
 
 def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: list | None = None,
                log=print) -> RunResult:
-    """One job per run directory: rank 0 holds the run's lease (storage.run_lease) from before its
+    """One job per run directory: rank 0 holds the run's lease (locks.run_lease) from before its
     first write to the end; another job or export of the same run fails at once naming the holder."""
     if not is_main_process():
         return _run_recipe(cfg, stop=stop, callbacks=callbacks, log=log)

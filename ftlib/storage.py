@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .locks import LeaseHeld, held, make_dirs, share, shared_mode  # noqa: F401 (LeaseHeld: for callers)
+from .locks import LeaseHeld, make_dirs, share, shared_mode  # noqa: F401 (LeaseHeld: for callers)
 
 MANIFEST = "manifest.json"
 COMPLETE_MARKER = "ftlib_complete.json"   # in checkpoint-N/, written after the Trainer saved it
@@ -187,22 +187,6 @@ def staging_dir(final: str | os.PathLike, *, expected_bytes: int | None = None) 
         fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------- locks
-def file_lock(path: str | os.PathLike):
-    """An exclusive lock between processes (ranks, array tasks, nodes) sharing a filesystem: waits
-    while a live holder builds, takes over a dead one's (a lease: see the module docstring)."""
-    make_dirs(Path(path).parent)
-    return held(path, "build", wait=True)
-
-
-def run_lease(run: "RunDir", what: str, log: Callable[[str], None] | None = None):
-    """The run directory for one job at a time; LeaseHeld (naming the holder) if it is taken."""
-    make_dirs(run.root)
-    return held(run.lease, what, wait=False, log=log, describe=lambda h: (
-        f"run {run.name} ({run.root}) is in use by {h.describe()}; wait for it to end, cancel it, or "
-        "choose another name=..."))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -410,11 +394,17 @@ def verify_manifest(run: RunDir, *, deep: bool = True) -> list[str]:
         return [f"{run.manifest} is unreadable (damaged)"]
     if files is None:
         return [f"{run.manifest} is missing"]
-    problems = []
+    return [f"{path}: {problem}" for path, problem in damaged_entries(run, files, deep=deep).items()]
+
+
+def damaged_entries(run: RunDir, files: list[dict], *, deep: bool = True) -> dict[str, str]:
+    """{path relative to the run: what is wrong} for the manifest entries `files` whose file is
+    missing, or whose size (deep=False) or also sha256 (deep=True) differ."""
+    damaged = {}
     for entry in files:
         path = run.root / entry["path"]
         if not path.is_file():
-            problems.append(f"{entry['path']}: missing")
+            damaged[entry["path"]] = "missing"
         elif path.stat().st_size != entry["size"] or (deep and sha256_file(path) != entry["sha256"]):
-            problems.append(f"{entry['path']}: size or sha256 differs from the manifest (damaged)")
-    return problems
+            damaged[entry["path"]] = "size or sha256 differs from the manifest (damaged)"
+    return damaged

@@ -12,7 +12,8 @@ import random
 from pathlib import Path
 
 from .console import quiet_progress_bars
-from .storage import file_lock, staging_dir
+from .locks import file_lock
+from .storage import staging_dir
 from .templates import CHATML
 
 BUILTIN_PREFIX = "builtin:"

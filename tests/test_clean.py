@@ -146,7 +146,7 @@ def test_an_unknown_run_is_one_line_exit_2(runs):
 
 
 def test_a_run_whose_lease_a_live_job_holds_is_untouched(runs):
-    from ftlib.storage import run_lease
+    from ftlib.locks import run_lease
     root, made = runs
     before = tree_digest(made["done"].root)
     with run_lease(made["done"], "training"):          # this test process plays the live job

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, closed_port_url, subprocess_env
 from ftlib import hub_cache
 from ftlib.config import ConfigError
 from ftlib.hub_cache import HubRepo, hub_dataset_source, hub_unreachable, snapshot_problem
@@ -60,14 +60,6 @@ class Listener:
         for conn in self.held:
             conn.close()
         self.sock.close()
-
-
-def closed_port_url() -> str:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(autouse=True)
@@ -278,6 +270,8 @@ def test_mistral_dry_run_without_network_is_one_line_exit_2_and_one_connection(t
     env = subprocess_env(hf_cache, HF_ENDPOINT=listener.url, HF_HOME=str(tmp_path / "empty"),
                          FTLIB_STORAGE=str(tmp_path / "runs"))
     env.pop("HF_HUB_OFFLINE", None)
+    from ftlib.config import load_config
+    load_config(REPO / "configs" / "mistral.yaml")   # the field tables' cache, as any earlier command leaves it
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "jobs/submit.py", "configs/mistral.yaml", "--dry-run"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
@@ -289,7 +283,9 @@ def test_mistral_dry_run_without_network_is_one_line_exit_2_and_one_connection(t
     assert "python jobs/prefetch.py configs/mistral.yaml" in errors[0]
     assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr + proc.stdout
     assert listener.connections == 1
-    assert elapsed < 60, f"{elapsed:.0f} s (most of it is importing the libraries the config names)"
+    # "well under 10 s", asserted loosely: ~0.5 s on an idle 2-core machine (no torch, transformers
+    # or peft imported before the refusal: config/hint_cache.py)
+    assert elapsed < 10, f"{elapsed:.1f} s"
     assert not (tmp_path / "runs").exists()
     listener.close()
 

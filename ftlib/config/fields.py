@@ -13,7 +13,9 @@ import typing
 from functools import lru_cache
 from typing import Any, Literal
 
+from .hint_cache import cached_hints
 from .schema import REFUSED, ConfigError
+
 
 def _where(origins: dict[str, str], key: str, default: str) -> str:
     if key in origins:
@@ -123,6 +125,10 @@ def _check_section(section: str, values: Any, hints: dict[str, Any], origins: di
 
 @lru_cache(maxsize=None)
 def training_hints() -> dict[str, Any]:
+    return cached_hints("training", ("transformers",), _training_hints)
+
+
+def _training_hints() -> dict[str, Any]:
     from transformers import TrainingArguments
     hints = typing.get_type_hints(TrainingArguments)
     names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -134,6 +140,10 @@ def training_hints() -> dict[str, Any]:
 
 @lru_cache(maxsize=None)
 def lora_hints() -> dict[str, Any]:
+    return cached_hints("lora", ("peft",), _lora_hints)
+
+
+def _lora_hints() -> dict[str, Any]:
     from peft import LoraConfig
     hints = typing.get_type_hints(LoraConfig)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(LoraConfig) if f.init}
@@ -144,6 +154,10 @@ DTYPE_NAMES = ["float32", "bfloat16", "float16", "uint8", "int8"]
 
 @lru_cache(maxsize=None)
 def quantization_hints() -> dict[str, Any]:
+    return cached_hints("quantization", ("transformers",), _quantization_hints)
+
+
+def _quantization_hints() -> dict[str, Any]:
     import inspect
     from transformers import BitsAndBytesConfig
     known = {"load_in_8bit": bool, "load_in_4bit": bool, "llm_int8_threshold": float,

@@ -15,6 +15,7 @@ import stat
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
+from ..locks import privacy_problem
 from .schema import ConfigError
 
 # NAME_FILE -> NAME: the variable that names a file, and the variable the file's content becomes.
@@ -40,12 +41,10 @@ def check_token_file(variable: str, value: str) -> Path:
                           "check the path") from None
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{variable}={value}: not a regular file; point it at the file holding the token")
-    if info.st_uid != os.getuid():
-        raise ConfigError(f"{variable}={value}: the token file belongs to uid {info.st_uid}, not to you "
-                          f"(uid {os.getuid()}); use a file of your own")
-    if info.st_mode & 0o077:
-        raise ConfigError(f"{variable}={value}: the token file is readable or writable by group or others "
-                          f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {shlex.quote(str(path))}")
+    problem = privacy_problem(info, forbidden=0o077, owner_fix="use a file of your own",
+                              mode_fix=f"chmod 600 {shlex.quote(str(path))}")
+    if problem:
+        raise ConfigError(f"{variable}={value}: the token file {problem}")
     return path
 
 

@@ -3,7 +3,7 @@ command line is parsed in cli.py).
 
 A complete export that matches its manifest is left alone; missing or changed files are made
 again; the manifest is removed while repairing and written last. It runs under the run's lease
-(storage.run_lease): never beside the job training the run or another export of it; leftovers of
+(locks.run_lease): never beside the job training the run or another export of it; leftovers of
 an interrupted export (staging folders, temp files) are removed first."""
 from __future__ import annotations
 
@@ -15,19 +15,15 @@ from ..config import ConfigError, load_config
 from ..console import quiet_progress_bars
 from ..model import load_tokenizer, resolve_model_path
 from ..report import write_report
-from ..storage import DiskFull, LeaseHeld, RunDir, clean_leftovers, read_json, run_lease, sha256_file, write_manifest
+from ..locks import run_lease
+from ..storage import DiskFull, LeaseHeld, RunDir, clean_leftovers, damaged_entries, read_json, write_manifest
 from .gguf import GGUF_TYPES, check_gguf_types, normalize_type
 from .publish import export_derived
 
 
 def damaged_files(run: RunDir, manifest: dict) -> list[str]:
     """Paths (relative to the run) that the manifest lists but are missing or differ."""
-    out = []
-    for entry in manifest.get("files", []):
-        path = run.root / entry["path"]
-        if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            out.append(entry["path"])
-    return out
+    return list(damaged_entries(run, manifest.get("files", [])))
 
 
 def _gguf_type_of(cfg, name: str) -> str | None:

@@ -13,7 +13,6 @@ The cases are a held-out corpus, tests/faults/bad_configs/*.yaml, one per file:
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env
+from conftest import NO_SLURM, REPO, SAMPLE_DATA, TINY_CONFIG, slurm_cluster_up, subprocess_env
 from ftlib import cli
 from ftlib.config import ConfigError, load_config
 
@@ -31,13 +30,6 @@ CORPUS = Path(__file__).resolve().parent / "bad_configs"
 CASES = sorted(CORPUS.glob("*.yaml"))
 # Every case's Slurm job name starts with this: at the end, the cluster must know none of them.
 JOB_PREFIX = f"ftlib-bad-{uuid.uuid4().hex[:8]}"
-
-
-def _cluster_up() -> bool:
-    if not shutil.which("sbatch"):
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and any(s.strip("*~") in ("idle", "mixed", "allocated") for s in out.stdout.split())
 
 
 def _fill(value, tmp: Path):
@@ -114,8 +106,8 @@ def test_bad_config_is_one_line_and_exit_2_in_every_mode(case, tmp_path, hf_cach
 @pytest.mark.slurm
 def test_no_bad_case_reached_the_cluster():
     """Runs after the cases (file order): the accounting database and the queue know none of them."""
-    if not _cluster_up():
-        pytest.skip("no local Slurm cluster: run `bash slurm/start-cluster.sh` first")
+    if not slurm_cluster_up():
+        pytest.skip(NO_SLURM)
     time.sleep(2)   # what slurmctld accepted reaches slurmdbd within its commit interval
     names = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobName", "-S", "now-2hours"],
                            capture_output=True, text=True, check=True).stdout.split()

@@ -22,7 +22,8 @@ import pytest
 from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env, wait_for
 from ftlib import locks
 from ftlib.locks import Holder, Lease, LeaseHeld, live_holder
-from ftlib.storage import RunDir, file_lock, read_json, verify_manifest
+from ftlib.locks import file_lock
+from ftlib.storage import RunDir, read_json, verify_manifest
 
 NO_FLOCK = "import fcntl; fcntl.flock = fcntl.lockf = lambda *a, **k: None\n"
 
@@ -139,7 +140,7 @@ def test_array_tasks_build_a_model_and_a_token_cache_once_the_others_wait_and_re
 COUNTER = """
 import os, sys
 from pathlib import Path
-from ftlib.storage import file_lock
+from ftlib.locks import file_lock
 
 lock, counter, inside, violations = (Path(a) for a in sys.argv[1:5])
 for _ in range(int(sys.argv[5])):

@@ -21,7 +21,7 @@ PRIMITIVES = """
 import json, os, sys
 from pathlib import Path
 os.umask(int(sys.argv[2], 8))
-from ftlib import storage
+from ftlib import locks, storage
 
 root = Path(sys.argv[1])
 run = storage.RunDir(root / "runs" / "tiny").create()
@@ -37,7 +37,7 @@ ckpt.mkdir()                                                     # as the Traine
 (ckpt / "optimizer.pt").write_bytes(b"o")
 storage.mark_checkpoint_complete(ckpt, 5)
 modes = {}
-with storage.file_lock(root / "cache" / ".key.lock"):
+with locks.file_lock(root / "cache" / ".key.lock"):
     modes["lease"] = os.stat(root / "cache" / ".key.lock").st_mode
 for path in [run.root, run.checkpoints, run.artifacts, run.config, root / "handoff.pkl", run.adapter,
              run.adapter / "adapter_model.safetensors", run.adapter / "sub", run.adapter / "sub" / "tool",

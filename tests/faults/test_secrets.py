@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env
+from conftest import NO_SLURM, REPO, SAMPLE_DATA, TINY_CONFIG, slurm_cluster_up, subprocess_env
 from ftlib.cli import submit_main
 from ftlib.config import ConfigError, load_config
 from ftlib.config.secrets import export_from_files, shell_lines, token_files
@@ -217,13 +217,6 @@ def test_ftlib_never_unpickles_weights_or_from_a_shared_path():
 
 
 # ---------------------------------------------------------------------------- a real job with canaries
-def _cluster_up() -> bool:
-    if not shutil.which("sbatch"):
-        return False
-    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and any(s.strip("*~") in ("idle", "mixed", "allocated") for s in out.stdout.split())
-
-
 def _slurm_records(job_id: str) -> str:
     fields = subprocess.run(["sacct", "--helpformat"], capture_output=True, text=True, check=True).stdout.split()
     outputs = [subprocess.run(cmd, capture_output=True, text=True) for cmd in (
@@ -241,8 +234,8 @@ def test_canary_tokens_reach_the_job_and_nothing_else(tmp_path, hf_cache):
     both; neither is in the sbatch script, submitit's pickles, the logs, training_args.bin, the
     W&B files (the .wandb file, its logs, wandb-core's log), `scontrol show job`, the stored batch
     script or sacct."""
-    if not _cluster_up():
-        pytest.skip("no local Slurm cluster: run `bash slurm/start-cluster.sh` first")
+    if not slurm_cluster_up():
+        pytest.skip(NO_SLURM)
     import torch
 
     from ftlib.storage import RunDir, read_json

@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env, wait_for
+from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, stop_at, subprocess_env, wait_for
 from ftlib.callbacks import NonFiniteLoss, StopRequest
 from ftlib.launch.requeue import RequeueLimitExceeded, check_restart_budget, count_restarts
 from ftlib.recipe import run_recipe
@@ -27,17 +27,6 @@ from ftlib.storage import COMPLETE_MARKER, RunDir, read_json, verify_manifest
 from ftlib.tracking import offline_wandb_files, wandb_history_steps
 
 QUICK = ("training.eval_strategy=no", "export.merged=false", "export.report=false")
-
-
-class StopAt(TrainerCallback):
-    """Asks for a stop while step `step` + 1 runs, as a preemption signal would."""
-
-    def __init__(self, stop: StopRequest, step: int):
-        self.stop, self.step = stop, step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            self.stop.set("test preemption")
 
 
 def _trainer_state(run: RunDir, step: int) -> dict:
@@ -65,7 +54,7 @@ def loss_runs(tmp_path_factory, hf_cache):
     straight = run_recipe(cfg(base / "straight"), log=lambda _: None)
     resumed_cfg = cfg(base / "resumed")
     stop = StopRequest()
-    first = run_recipe(resumed_cfg, stop=stop, callbacks=[StopAt(stop, 3)], log=lambda _: None)
+    first = run_recipe(resumed_cfg, stop=stop, callbacks=[stop_at(stop, 3)], log=lambda _: None)
     lines: list[str] = []
     second = run_recipe(resumed_cfg, log=lines.append)
     return SimpleNamespace(straight=straight, first=first, second=second, lines=lines)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env, wait_for
+from conftest import NO_SLURM, REPO, SAMPLE_DATA, TINY_CONFIG, slurm_cluster_up, subprocess_env, wait_for
 from ftlib.storage import RunDir, read_json, verify_manifest
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -40,10 +40,6 @@ def unavailable(reason: str):
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: the Apptainer tests must run in CI)")
     pytest.skip(reason)
-
-
-def _cluster_up() -> bool:
-    return bool(shutil.which("sbatch")) and subprocess.run(["sinfo"], capture_output=True).returncode == 0
 
 
 @dataclass(frozen=True)
@@ -80,8 +76,8 @@ def image() -> Image:
                     "(development and CI machines; clusters provide their own)")
     if os.geteuid() != 0:
         unavailable("containers/build.sh builds the image as root (debootstrap, chroot)")
-    if not _cluster_up():
-        unavailable("no local Slurm cluster: run `bash slurm/start-cluster.sh`")
+    if not slurm_cluster_up():
+        unavailable(NO_SLURM)
     cache = Path(os.environ.get("FTLIB_IMAGE_CACHE", "/var/tmp/ftlib-images"))
     out = cache / "ftlib-test.sif"
     env = dict(os.environ, PATH=os.path.dirname(apptainer) + os.pathsep + os.environ.get("PATH", ""))

@@ -11,17 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env, wait_for
+from conftest import NO_SLURM, REPO, SAMPLE_DATA, TINY_CONFIG, slurm_cluster_up, subprocess_env, wait_for
 from ftlib.storage import RunDir, read_json, verify_manifest
 
 pytestmark = pytest.mark.slurm
 
 SECRET_KEY = "wandb-secret-7f3a9c1e55d2"
 SECRET_TOKEN = "hf_secret_token_91b2c3d4e5"
-
-
-def _cluster_up() -> bool:
-    return bool(shutil.which("sbatch")) and subprocess.run(["sinfo"], capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def image(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.skipif(not _cluster_up(), reason="no local Slurm cluster: run `bash slurm/start-cluster.sh`")
+@pytest.mark.skipif(not slurm_cluster_up(), reason=NO_SLURM)
 def test_tiny_job_runs_in_charliecloud_via_slurm_and_leaks_no_secret(image, tmp_path, hf_cache):
     root = tmp_path / "runs"
     outside = tmp_path / "not-bound"
@@ -89,7 +85,7 @@ def test_tiny_job_runs_in_charliecloud_via_slurm_and_leaks_no_secret(image, tmp_
             assert SECRET_TOKEN.encode() not in content, path
 
 
-@pytest.mark.skipif(not _cluster_up(), reason="no local Slurm cluster: run `bash slurm/start-cluster.sh`")
+@pytest.mark.skipif(not slurm_cluster_up(), reason=NO_SLURM)
 def test_preempted_job_in_charliecloud_is_requeued_by_the_batch_script(image, tmp_path, hf_cache):
     """USR2 inside the container: checkpoint, marker, exit; the host-side batch script requeues."""
     root = tmp_path / "runs"
@@ -97,7 +93,7 @@ def test_preempted_job_in_charliecloud_is_requeued_by_the_batch_script(image, tm
     binds = "[" + ",".join(host_binds + [str(SAMPLE_DATA.parent), str(REPO)]) + "]"
     proc = subprocess.run(
         [sys.executable, "jobs/submit.py", str(TINY_CONFIG), f"storage.root={root}", f"storage.hf_cache={hf_cache}",
-         f"data.train={SAMPLE_DATA}", "training.max_steps=300", "training.save_steps=10",
+         f"data.train={SAMPLE_DATA}", "training.max_steps=80", "training.save_steps=10",
          "training.eval_strategy=no", "export.merged=false", "container.runtime=charliecloud",
          f"container.image={image}", f"container.binds={binds}", "slurm.time=00:10:00"],
         cwd=REPO, env=subprocess_env(hf_cache, USER="root"), capture_output=True, text=True, timeout=120)
@@ -112,4 +108,4 @@ def test_preempted_job_in_charliecloud_is_requeued_by_the_batch_script(image, tm
     assert "the batch script requeues the job" in log and f"ftlib: requeueing job {job_id}, as the job asked" in log
     assert "resuming from" in log
     assert [s["slurm_restart_count"] for s in read_json(run.provenance)["starts"]] == [0, 1]
-    assert read_json(run.state)["step"] == 300
+    assert read_json(run.state)["step"] == 80

@@ -4,7 +4,6 @@ launch paths silently start one process or unconnected ones)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE_DATA, TINY_CONFIG, subprocess_env, wait_for
+from conftest import NO_SLURM, REPO, SAMPLE_DATA, TINY_CONFIG, slurm_cluster_up, subprocess_env, wait_for
 from ftlib.storage import RunDir, read_json, verify_manifest
 
 ZERO3_SHARDED = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
@@ -80,12 +79,8 @@ def test_local_two_processes(name, tmp_path, hf_cache, tiny_config):
                               str(run.adapter))   # reloads
 
 
-def _cluster_up() -> bool:
-    return bool(shutil.which("sbatch")) and subprocess.run(["sinfo"], capture_output=True).returncode == 0
-
-
 @pytest.mark.slurm
-@pytest.mark.skipif(not _cluster_up(), reason="no local Slurm cluster: run `bash slurm/start-cluster.sh`")
+@pytest.mark.skipif(not slurm_cluster_up(), reason=NO_SLURM)
 @pytest.mark.parametrize("name", ["ddp", "zero3"])
 def test_two_task_slurm_job_and_resume_after_requeue(name, tmp_path, hf_cache, tiny_config):
     overrides, wrapper, stage = _overrides(name, tmp_path)

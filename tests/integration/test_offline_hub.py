@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, subprocess_env
+from conftest import REPO, TINY_CONFIG, closed_port_url, subprocess_env
 from ftlib.hub_cache import HubRepo, snapshot_problem
 from ftlib.storage import RunDir, read_json, verify_manifest
 
@@ -48,14 +47,6 @@ def without_network(args: list[str]) -> list[str]:
     if not NETNS:
         return args
     return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *args]
-
-
-def closed_port_url() -> str:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}"
 
 
 def hub_overrides(cache: Path, root: Path) -> list[str]:

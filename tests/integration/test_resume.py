@@ -5,22 +5,11 @@ import json
 
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
+from conftest import stop_at
 from ftlib.callbacks import StopRequest
 from ftlib.recipe import run_recipe
 from ftlib.storage import RunDir, newest_complete_checkpoint
-
-
-class StopAt(TrainerCallback):
-    """Asks for a stop at a given step, as a preemption signal would."""
-
-    def __init__(self, stop: StopRequest, step: int):
-        self.stop, self.step = stop, step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            self.stop.set("test preemption")
 
 
 def _adapter(run_dir) -> dict[str, torch.Tensor]:
@@ -35,7 +24,7 @@ def test_interrupted_run_resumes_to_identical_adapter_and_one_wandb_run(tiny_con
     cfg = tiny_config(*common, root=tmp_path / "interrupted")
     stop = StopRequest()
     lines: list[str] = []
-    first = run_recipe(cfg, stop=stop, callbacks=[StopAt(stop, 14)], log=lines.append)
+    first = run_recipe(cfg, stop=stop, callbacks=[stop_at(stop, 14)], log=lines.append)
     assert first.status == "interrupted" and first.global_step == 15
     run = RunDir(first.run_dir)
     assert newest_complete_checkpoint(run).name == "checkpoint-15"

@@ -5,7 +5,6 @@ import difflib
 import os
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 

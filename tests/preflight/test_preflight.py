@@ -418,7 +418,6 @@ def test_saved_activations_match_autograd_bf16_autocast(tiny_dir, dropout):
 def _allocation_peak(step) -> int:
     """Peak of bytes allocated and not yet freed while step() runs, from the profiler's
     allocation events (CPU has no memory_allocated counter)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     try:
         from torch._C._profiler import _EventType
