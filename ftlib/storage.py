@@ -1,4 +1,4 @@
-"""Run directory on shared storage: layout, atomic writes, locks, checkpoints and the manifest.
+"""Run directory on shared storage: layout, atomic writes, room, checkpoints and the manifest.
 
 Every file another process may read (status on the login node, a requeued job, an export re-run)
 is written under a temporary name in its directory, fsynced, then renamed: a crash leaves the old

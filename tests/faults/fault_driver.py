@@ -126,36 +126,51 @@ def save_trials(out: Path, root: Path, seed: int, trials: int, overrides: list[s
     cfg = load_config(TINY, [f"storage.root={root / 'trials'}", *common])
     ref_cfg = load_config(TINY, [f"storage.root={root / 'reference'}", *common])
     max_steps = int(cfg.training["max_steps"])
-    timing = root / "save-timing.json"
+    save_events = root / "save-events.json"
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    class SaveTiming(TrainerCallback):   # step end -> after ftlib's marker and rotation
+    class SaveEvents(TrainerCallback):   # step end -> after ftlib's marker and rotation
+        """Counts the Python and C calls (sys.setprofile events) that one save makes."""
+
         def __init__(self):
-            self.t0, self.durations = 0.0, []
+            self.count, self.counts = 0, []
+
+        def _event(self, frame, event, arg):
+            self.count += 1
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.t0 = time.time()
+            if control.should_save:
+                self.count = 0
+                sys.setprofile(self._event)
 
         def on_save(self, args, state, control, **kwargs):
-            self.durations.append(time.time() - self.t0)
-            timing.write_text(json.dumps(self.durations))
+            sys.setprofile(None)
+            self.counts.append(self.count)
+            save_events.write_text(json.dumps(self.counts))
 
     class KillDuringSave(TrainerCallback):
-        """Arms a SIGKILL `delay` s after the optimizer step `step` ends: inside its save."""
+        """SIGKILL at the `event`-th call made after the optimizer step `step` ends: inside its save.
+        Counted in calls, not seconds: a timer thread needs the GIL, which a save holds for most of
+        its few milliseconds on a fast machine, so timed kills landed after the save (seen in CI)."""
 
-        def __init__(self, step, delay):
-            self.step, self.delay = step, delay
+        def __init__(self, step, event):
+            self.step, self.event, self.count = step, event, 0
+
+        def _event(self, frame, event, arg):
+            self.count += 1
+            if self.count >= self.event:
+                die()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == self.step and control.should_save:
-                kill_after(self.delay)
+                sys.setprofile(self._event)
 
     report = {"seed": seed, "max_steps": max_steps, "trials": []}
-    ref = in_child(lambda: train(ref_cfg, [SaveTiming()]), logs / "reference.log")
-    durations = json.loads(timing.read_text())
-    report["reference"] = dict(ref, run_dir=str(ref_cfg.run_root), save_s=durations)
-    window = 1.3 * sorted(durations)[len(durations) // 2]
+    ref = in_child(lambda: train(ref_cfg, [SaveEvents()]), logs / "reference.log")
+    counts = json.loads(save_events.read_text())
+    report["reference"] = dict(ref, run_dir=str(ref_cfg.run_root), save_events=counts)
+    events = sorted(counts)[len(counts) // 2]   # the calls of a median save, marker and rotation included
     run = RunDir(cfg.run_root)
 
     def named(point: str, step: int):
@@ -192,9 +207,9 @@ def save_trials(out: Path, root: Path, seed: int, trials: int, overrides: list[s
         resume_step = storage.checkpoint_step(Path(before["newest_complete"])) if before["newest_complete"] else 0
         if point == "random":
             step = min(resume_step + arg, max_steps - 1)
-            delay = random.Random(seed * 1000 + i).uniform(0.0, window)
-            body = (lambda s, d: lambda: train(cfg, [KillDuringSave(s, d)]))(step, delay)
-            trial = {"point": point, "step": step, "delay_s": round(delay, 4), "window_s": round(window, 4)}
+            event = random.Random(seed * 1000 + i).randrange(1, events)
+            body = (lambda s, e: lambda: train(cfg, [KillDuringSave(s, e)]))(step, event)
+            trial = {"point": point, "step": step, "event": event, "events": events}
         else:
             body = named(point, arg)
             trial = {"point": point, "step": arg}
@@ -205,7 +220,8 @@ def save_trials(out: Path, root: Path, seed: int, trials: int, overrides: list[s
         newest = trial["after"]["newest_complete"]
         trial["newest_loads"] = loads(run.checkpoints / newest, logs / f"load-{i:02d}.log") if newest else None
         report["trials"].append(trial)
-        print(f"trial {i} ({point}, seed {seed}): {trial.get('delay_s', '')} -> killed={trial['killed']} "
+        print(f"trial {i} ({point}, seed {seed}): call {trial.get('event', '-')} of {trial.get('events', '-')} "
+              f"-> killed={trial['killed']} "
               f"newest complete {newest}", flush=True)
     final = in_child(lambda: train(cfg), logs / "final.log")
     report["final"] = dict(final, log=(logs / "final.log").read_text()[-20000:], after=observe(run),

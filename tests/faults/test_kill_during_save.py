@@ -91,7 +91,7 @@ def test_random_kills_inside_saves_never_resume_from_a_partial_checkpoint(saves)
     assert len(trials) == SAVE_TRIALS + 2
     torn = 0
     for previous, trial in zip(trials, trials[1:]):
-        where = f"trial {trial['index']} ({trial['point']}, step {trial['step']}, delay {trial.get('delay_s')}s)"
+        where = f"trial {trial['index']} ({trial['point']}, step {trial['step']}, call {trial.get('event')} of {trial.get('events')})"
         assert trial["killed"], f"{where} was not killed: {trial['log'][-2000:]}"
         # The rerun resumed from what was complete and verified when it started.
         assert resumed_from(trial["log"]) == previous["after"]["newest_complete"], where
