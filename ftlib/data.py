@@ -61,8 +61,11 @@ def check_data_paths(data: DataSection, source) -> None:
             raise ConfigError(f"{where}: data.{key}: {spec} is empty (0 bytes); point data.{key} at the data")
 
 
-def read_rows(spec: str, data: DataSection) -> tuple[list[tuple[int, Any]], list[BadRow]]:
-    """(row number, record) pairs and the rows that could not even be parsed."""
+def read_rows(spec: str, data: DataSection,
+              hf_cache: Path | None = None) -> tuple[list[tuple[int, Any]], list[BadRow]]:
+    """(row number, record) pairs and the rows that could not even be parsed. A hub dataset is
+    read through `hf_cache` (the run's storage.hf_cache) when given, whatever HF_HOME says: the
+    submit-time check looked there, and a --local run must read what it checked."""
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".jsonl":
         # Read line by line so that one undecodable or malformed line is reported by its number
@@ -87,7 +90,9 @@ def read_rows(spec: str, data: DataSection) -> tuple[list[tuple[int, Any]], list
     else:  # a hub dataset id; offline nodes read it from the shared cache (jobs/prefetch.py)
         # Offline, datasets looks only at copies it prepared itself; hub_dataset_source points it
         # at the snapshot that jobs/prefetch.py put in the shared HF cache.
-        ds = datasets.load_dataset(hub_dataset_source(spec), data.subset, split=data.split)
+        cache = {"cache_dir": str(hf_cache / "datasets")} if hf_cache else {}
+        ds = datasets.load_dataset(hub_dataset_source(spec, cache_dir=hf_cache / "hub" if hf_cache else None),
+                                   data.subset, split=data.split, **cache)
     return [(i + 1, record) for i, record in enumerate(ds)], []
 
 
@@ -251,9 +256,9 @@ def tokenized_rows(rows: Iterable[tuple[int, Any]], data: DataSection, tokenizer
         yield number, sample, tokens
 
 
-def _samples(spec: str, data: DataSection, tokenizer) -> tuple[list[dict], RowAccount]:
+def _samples(spec: str, data: DataSection, tokenizer, hf_cache: Path | None) -> tuple[list[dict], RowAccount]:
     """The usable samples of a file (each with its row number) and the account of its rows."""
-    rows, unreadable = read_rows(spec, data)
+    rows, unreadable = read_rows(spec, data, hf_cache)
     account = RowAccount(spec, rows=len(rows) + len(unreadable), bad=list(unreadable))
     out = []
     for number, _, tokens in tokenized_rows(rows, data, tokenizer, account.bad):
@@ -294,17 +299,19 @@ def data_cache_root(data: DataSection, storage_root: str) -> Path:
     return Path(os.path.expanduser(storage_root)).resolve() / ".cache" / "data"
 
 
-def prepare_data(data: DataSection, tokenizer, *, seed: int, cache_root: Path, log=print) -> PreparedData:
+def prepare_data(data: DataSection, tokenizer, *, seed: int, cache_root: Path, log=print,
+                 hf_cache: Path | None = None) -> PreparedData:
     """Tokenized train/eval datasets, from the cache when the same data, tokenizer and settings
-    were prepared before (by any run sharing the storage root)."""
+    were prepared before (by any run sharing the storage root). hf_cache: see read_rows."""
     key = cache_key(data, tokenizer, seed)
     cache = Path(cache_root) / key
     # Ranks of one job and tasks of an array prepare the same data: one builds, the others reuse.
     with file_lock(Path(cache_root) / f".{key}.lock"):
-        return _prepare_locked(data, tokenizer, seed, cache, log)
+        return _prepare_locked(data, tokenizer, seed, cache, log, hf_cache)
 
 
-def _prepare_locked(data: DataSection, tokenizer, seed: int, cache: Path, log) -> PreparedData:
+def _prepare_locked(data: DataSection, tokenizer, seed: int, cache: Path, log,
+                    hf_cache: Path | None) -> PreparedData:
     import datasets
 
     if (cache / "stats.json").exists():
@@ -320,7 +327,7 @@ def _prepare_locked(data: DataSection, tokenizer, seed: int, cache: Path, log) -
         return PreparedData(datasets.load_from_disk(str(cache / "train")), eval_ds, accounts[0].bad, stats,
                             cache, True)
 
-    train, account = _samples(data.train, data, tokenizer)
+    train, account = _samples(data.train, data, tokenizer, hf_cache)
     if data.max_samples and len(train) > data.max_samples:
         account.beyond_max_samples = len(train) - data.max_samples
         train = train[: data.max_samples]
@@ -328,7 +335,7 @@ def _prepare_locked(data: DataSection, tokenizer, seed: int, cache: Path, log) -
     eval_samples: list[dict] = []
     eval_account, held_out = None, None
     if data.eval:
-        eval_samples, eval_account = _samples(data.eval, data, tokenizer)
+        eval_samples, eval_account = _samples(data.eval, data, tokenizer, hf_cache)
         eval_account.count_truncated(eval_samples, data.max_length)
     elif data.validation_split > 0:
         train, eval_samples = hold_out(train, data.validation_split, seed)

@@ -13,7 +13,13 @@ from .tiny import BUILTIN_MODELS, BUILTIN_PREFIX, ensure_builtin
 
 
 def hf_cache_dir(cfg: RunConfig) -> Path:
-    return Path(os.path.expanduser(cfg.storage.hf_cache))
+    """storage.hf_cache: where hub models and datasets are read and downloaded, in every mode."""
+    path = Path(os.path.expanduser(cfg.storage.hf_cache))
+    if not path.is_absolute() and os.environ.get("SLURM_JOB_ID") and os.environ.get("HF_HOME"):
+        # A relative path means relative to where the user submitted; the sbatch script exported
+        # it made absolute as HF_HOME, while the job runs elsewhere (in a container: the run dir).
+        return Path(os.environ["HF_HOME"])
+    return path
 
 
 def is_hub_model(name: str) -> bool:
@@ -111,7 +117,9 @@ def torch_dtype(name: str | None):
 
 def load_tokenizer(cfg: RunConfig, path: str):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
+    # cache_dir: a hub id downloads into storage.hf_cache, where the job and prefetch look,
+    # whatever this process's HF_HOME (a --local run's may differ; the sbatch script sets it).
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision, cache_dir=str(hub_cache_dir(cfg)),
                                               trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token is None:
         # Padding never carries loss (labels -100, attention mask 0), so reusing eos is safe.
@@ -141,7 +149,7 @@ def device_map(local_rank: int = 0) -> dict[str, Any] | None:
 def load_base_model(cfg: RunConfig, path: str, *, quantized: bool, dtype=None, local_rank: int = 0):
     from transformers import AutoModelForCausalLM
     kwargs: dict[str, Any] = {"revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code,
-                              "dtype": dtype or torch_dtype(cfg.model.dtype)}
+                              "dtype": dtype or torch_dtype(cfg.model.dtype), "cache_dir": str(hub_cache_dir(cfg))}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if quantized and cfg.quantization:

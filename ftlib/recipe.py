@@ -105,7 +105,7 @@ def _run_recipe(cfg: RunConfig, *, stop: StopRequest | None, callbacks: list | N
     set_seed(seed)
 
     tokenizer = model_mod.load_tokenizer(cfg, model_path)
-    prepared = data_mod.prepare_data(cfg.data, tokenizer, seed=seed,
+    prepared = data_mod.prepare_data(cfg.data, tokenizer, seed=seed, hf_cache=model_mod.hf_cache_dir(cfg),
                                      cache_root=data_mod.data_cache_root(cfg.data, cfg.storage.root), log=log)
     if main:
         record_start(run, data_fingerprint=data_mod.cache_key(cfg.data, tokenizer, seed))

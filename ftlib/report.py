@@ -28,7 +28,7 @@ from .config import RunConfig
 from .data import IGNORE_INDEX, Collator, data_cache_root, hold_out, prepare_data, read_rows, tokenized_rows
 from .inference import (GenerationSettings, decode_text, generate_text, model_device, place_on_gpu, render_prompt,
                         stop_token_ids)
-from .model import load_base_model, load_tokenizer, resolve_model_path, torch_dtype
+from .model import hf_cache_dir, load_base_model, load_tokenizer, resolve_model_path, torch_dtype
 from .storage import (RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, checkpoint_step,
                       newest_complete_checkpoint, read_json)
 from .templates import NAMED_TEMPLATES
@@ -46,7 +46,8 @@ def _quiet(_: str) -> None:
 def held_out_eval_dataset(cfg: RunConfig, tokenizer, log=_quiet):
     """The prepared eval split (from the data cache when training made it), or None."""
     seed = int(cfg.training.get("seed", 42))
-    return prepare_data(cfg.data, tokenizer, seed=seed, cache_root=data_cache_root(cfg.data, cfg.storage.root), log=log).eval
+    return prepare_data(cfg.data, tokenizer, seed=seed, cache_root=data_cache_root(cfg.data, cfg.storage.root), log=log,
+                        hf_cache=hf_cache_dir(cfg)).eval
 
 
 def held_out_samples(cfg: RunConfig, tokenizer) -> list[dict[str, Any]]:
@@ -57,7 +58,7 @@ def held_out_samples(cfg: RunConfig, tokenizer) -> list[dict[str, Any]]:
     data = cfg.data
 
     def usable(spec: str) -> list[dict[str, Any]]:
-        rows, _ = read_rows(spec, data)
+        rows, _ = read_rows(spec, data, hf_cache_dir(cfg))
         return [sample for _, sample, tokens in tokenized_rows(rows, data, tokenizer)
                 if any(label != IGNORE_INDEX for label in tokens["labels"])]
 

@@ -298,3 +298,16 @@ def test_prefetch_refuses_a_clone_made_without_git_lfs(tmp_path, tiny_config):
     with pytest.raises(ConfigError, match=rf"{pointer} is a git-lfs pointer, not the file; run `git lfs pull`"):
         prefetch(cfg, source=source, log=lambda _: None)
     assert not (tmp_path / "hf").exists()          # refused before anything was written
+
+
+def test_storage_hf_cache_is_where_a_run_reads_in_every_mode(tiny_config, tmp_path, monkeypatch):
+    from ftlib.model import hf_cache_dir
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "users-own"))
+    assert hf_cache_dir(tiny_config(f"storage.hf_cache={tmp_path / 'shared'}")) == tmp_path / "shared"   # not HF_HOME
+    assert hf_cache_dir(tiny_config("storage.hf_cache=rel/hf")) == Path("rel/hf")        # --local: from here
+    # In a job a relative path is the submission directory's, which the sbatch script exported
+    # absolute as HF_HOME (a container's job runs in the run directory).
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert hf_cache_dir(tiny_config("storage.hf_cache=rel/hf")) == tmp_path / "users-own"
+    assert hf_cache_dir(tiny_config(f"storage.hf_cache={tmp_path / 'shared'}")) == tmp_path / "shared"

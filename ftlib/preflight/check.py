@@ -56,9 +56,9 @@ def estimate(cfg: RunConfig, model_cfg: Any):
 def training_lengths(cfg: RunConfig, max_rows: int = DATA_SAMPLE_ROWS) -> tuple[list[int], int]:
     """Token lengths (before truncation) of the first max_rows usable rows of data.train, rendered
     and tokenized exactly as training does, and the number of rows in the file. Writes nothing."""
-    from ..model import load_tokenizer, resolve_model_path   # here for start-up time (torch)
+    from ..model import hf_cache_dir, load_tokenizer, resolve_model_path   # here for start-up time (torch)
     tokenizer = load_tokenizer(cfg, resolve_model_path(cfg))
-    rows, _ = read_rows(cfg.data.train, cfg.data)
+    rows, _ = read_rows(cfg.data.train, cfg.data, hf_cache_dir(cfg))
     usable = tokenized_rows(rows, cfg.data, tokenizer)   # bad rows are skipped: the job reports them
     return [tokens["full_length"] for _, _, tokens in itertools.islice(usable, max_rows)], len(rows)
 

@@ -55,10 +55,13 @@ def hub_overrides(cache: Path, root: Path) -> list[str]:
 
 
 def offline_env(hf_cache: Path, cache: Path) -> dict[str, str]:
-    # storage.offline must switch huggingface_hub/datasets offline by itself; HF_HOME is the
-    # shared cache, as the sbatch script exports it; HF_ENDPOINT goes nowhere in case the
-    # namespace cannot be made.
-    env = subprocess_env(hf_cache, HF_HOME=str(cache), HF_ENDPOINT=closed_port_url())
+    # storage.offline must switch huggingface_hub/datasets offline by itself, and storage.hf_cache
+    # (the shared cache) must be where every read goes: HF_HOME is a user's own, empty cache, not
+    # the shared one (the sbatch script exports HF_HOME itself; --local must not depend on it).
+    # HF_ENDPOINT goes nowhere in case the namespace cannot be made.
+    own = cache.parent / "users-own-hf-home"
+    own.mkdir(exist_ok=True)
+    env = subprocess_env(hf_cache, HF_HOME=str(own), HF_ENDPOINT=closed_port_url())
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         env.pop(name, None)
     return env
