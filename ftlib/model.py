@@ -15,10 +15,10 @@ from .tiny import BUILTIN_MODELS, BUILTIN_PREFIX, ensure_builtin
 def hf_cache_dir(cfg: RunConfig) -> Path:
     """storage.hf_cache: where hub models and datasets are read and downloaded, in every mode."""
     path = Path(os.path.expanduser(cfg.storage.hf_cache))
-    if not path.is_absolute() and os.environ.get("SLURM_JOB_ID") and os.environ.get("HF_HOME"):
-        # A relative path means relative to where the user submitted; the sbatch script exported
-        # it made absolute as HF_HOME, while the job runs elsewhere (in a container: the run dir).
-        return Path(os.environ["HF_HOME"])
+    if not path.is_absolute() and os.environ.get("SLURM_SUBMIT_DIR"):
+        # Relative to where the user submitted (as the sbatch script's HF_HOME is): a job runs
+        # elsewhere (in a container: in the run directory).
+        return Path(os.environ["SLURM_SUBMIT_DIR"]) / path
     return path
 
 

@@ -302,12 +302,12 @@ def test_prefetch_refuses_a_clone_made_without_git_lfs(tmp_path, tiny_config):
 
 def test_storage_hf_cache_is_where_a_run_reads_in_every_mode(tiny_config, tmp_path, monkeypatch):
     from ftlib.model import hf_cache_dir
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_SUBMIT_DIR", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "users-own"))
     assert hf_cache_dir(tiny_config(f"storage.hf_cache={tmp_path / 'shared'}")) == tmp_path / "shared"   # not HF_HOME
     assert hf_cache_dir(tiny_config("storage.hf_cache=rel/hf")) == Path("rel/hf")        # --local: from here
-    # In a job a relative path is the submission directory's, which the sbatch script exported
-    # absolute as HF_HOME (a container's job runs in the run directory).
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    assert hf_cache_dir(tiny_config("storage.hf_cache=rel/hf")) == tmp_path / "users-own"
+    # In a job a relative path is the submission directory's, as the sbatch script's HF_HOME is
+    # (a container's job runs in the run directory).
+    monkeypatch.setenv("SLURM_SUBMIT_DIR", str(tmp_path / "submitted-here"))
+    assert hf_cache_dir(tiny_config("storage.hf_cache=rel/hf")) == tmp_path / "submitted-here" / "rel" / "hf"
     assert hf_cache_dir(tiny_config(f"storage.hf_cache={tmp_path / 'shared'}")) == tmp_path / "shared"
