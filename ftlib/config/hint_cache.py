@@ -13,11 +13,13 @@ import enum
 import hashlib
 import json
 import os
-import tempfile
 import typing
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Literal
+
+from ..storage import atomic_write_text
 
 SPEC_VERSION = 1   # bump when the JSON form below changes
 
@@ -87,6 +89,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftlib"
 
 
+@lru_cache(maxsize=None)
+def _checker_hash() -> str:
+    """The code that reads the tables (fields.py and this file), hashed once per process."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in ("fields.py", "hint_cache.py"))).hexdigest()
+
+
 def _key(libraries: tuple[str, ...]) -> str:
     """Library versions plus the code that reads the tables: either changing makes a new file."""
     parts = [str(SPEC_VERSION)]
@@ -95,9 +104,7 @@ def _key(libraries: tuple[str, ...]) -> str:
             parts.append(f"{name}={metadata.version(name)}")
         except metadata.PackageNotFoundError:
             parts.append(f"{name}=missing")
-    here = Path(__file__).parent
-    for source in (here / "fields.py", Path(__file__)):
-        parts.append(hashlib.sha256(source.read_bytes()).hexdigest())
+    parts.append(_checker_hash())
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -114,14 +121,8 @@ def cached_hints(name: str, libraries: tuple[str, ...], build: Callable[[], dict
         text = json.dumps({key: to_spec(tp) for key, tp in hints.items()}, sort_keys=True)
     except _NotCacheable:
         return hints
-    temp = None
-    try:   # temp file + rename: ranks of one job may write it at the same moment
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-            temp = handle.name
-            handle.write(text)
-        os.replace(temp, path)
-    except OSError:   # a read-only home: every load builds the table, as before
-        if temp:
-            Path(temp).unlink(missing_ok=True)
+    try:   # atomically: ranks of one job may write it at the same moment
+        atomic_write_text(path, text)
+    except OSError:   # a read-only or full home: every load builds the table, as before
+        pass
     return hints
