@@ -31,7 +31,9 @@ class ModelSection:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
-    backend: Literal["hf", "unsloth"] = "hf"
+    # Only transformers' own model classes: "unsloth" was accepted once and silently trained with
+    # them, so it is refused now (an unknown choice, naming "hf") until ftlib really drives unsloth.
+    backend: Literal["hf"] = "hf"
 
 
 @dataclass

@@ -72,6 +72,7 @@ BAD = [
     (["training.optim=adamw_8bit_bnb"], ["training.optim", "adamw"]),
     (["quantization.bnb_4bit_quant_type=nf3"], ["bnb_4bit_quant_type", "nf4"]),
     (["model.method=qlorra"], ["model.method", "qlora"]),
+    (["model.backend=unsloth"], ["model.backend", "unsloth", "hf"]),   # accepted once, and ignored
     (["data.chat_template=chatlm"], ["data.chat_template", "chatml"]),
     (["lora.bias=some"], ["lora.bias", "lora_only"]),
     (["training.save_strategy=yes"], ["training.save_strategy", "steps"]),
