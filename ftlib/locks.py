@@ -62,6 +62,13 @@ def shared_mode(is_dir: bool, executable: bool = False) -> int:
     return (0o777 if is_dir or executable else 0o666) & ~current_umask() & ~NEVER_WRITABLE
 
 
+def never_writable_by_others() -> None:
+    """Add group and world write to this process's umask (its other bits stay the user's): what
+    libraries write into a run as it trains (W&B's and TensorBoard's files, the Trainer's) gets the
+    modes ftlib's own files get. Under umask 000 W&B's files were world-writable."""
+    os.umask(current_umask() | NEVER_WRITABLE)
+
+
 def share(path: Path) -> None:
     """Give `path` (and, for a folder, everything in it) the shared modes."""
     items = [path, *path.rglob("*")] if path.is_dir() else [path]

@@ -20,7 +20,7 @@ from .distributed import is_main_process, local_rank
 from .distributed import prepare as prepare_strategy
 from .distributed import write_rank_report
 from .export.publish import publish_artifacts
-from .locks import run_lease
+from .locks import never_writable_by_others, run_lease
 from .plan import write_run_files
 from .provenance import record_start
 from .report import write_report
@@ -72,6 +72,7 @@ def run_recipe(cfg: RunConfig, *, stop: StopRequest | None = None, callbacks: li
                log=print) -> RunResult:
     """One job per run directory: rank 0 holds the run's lease (locks.run_lease) from before its
     first write to the end; another job or export of the same run fails at once naming the holder."""
+    never_writable_by_others()   # before W&B, TensorBoard or the Trainer writes a file of the run
     if not is_main_process():
         return _run_recipe(cfg, stop=stop, callbacks=callbacks, log=log)
     with run_lease(RunDir(cfg.run_root), "training", log=log):

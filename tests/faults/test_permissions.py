@@ -73,7 +73,7 @@ def shared_run(tmp_path_factory, hf_cache) -> tuple[Path, list[dict]]:
         {"command": "submit", "umask": 0o000, "run": str(root / "tiny"), "modes": [str(root / "tiny"), str(root / ".cache")],
          "args": [str(TINY_CONFIG), f"storage.root={root}", f"storage.hf_cache={hf_cache}", f"data.train={SAMPLE_DATA}",
                   "training.max_steps=4", "training.save_steps=2", "training.eval_strategy=no",
-                  "tracking.backends=[none]", "export.gguf=[q8_0]", "export.ollama=true", "export.report=true",
+                  "tracking.backends=[wandb,tensorboard]", "export.gguf=[q8_0]", "export.ollama=true", "export.report=true",
                   "--local"]},
         {"command": "export", "umask": 0o027, "run": str(root / "tiny"), "modes": [str(root / "tiny")],
          "args": [str(root / "tiny"), "--force"]},
@@ -91,6 +91,9 @@ def test_a_run_trained_under_umask_000_is_readable_by_teammates_and_writable_by_
     assert steps[0]["exit"] == 0, steps[0]["stderr"][-3000:]
     modes = {k.removeprefix("tiny/").removeprefix("tiny"): v for k, v in steps[0]["modes"].items()}
     assert "train.log" in modes   # console.RunLog creates it with the shared mode too
+    # W&B's and TensorBoard's own files too (they were world-writable: the process umask is tightened).
+    assert any(k.startswith("wandb/") and k.endswith(".wandb") for k in modes), sorted(modes)
+    assert any(k.startswith("tensorboard/") and "tfevents" in k for k in modes), sorted(modes)
     writable = {k: oct(v) for k, v in modes.items() if v & 0o022}
     assert writable == {}, f"group/world-writable: {writable}"
     for name in ["config.yaml", "manifest.json", "report.md", "report.json", "state.json", "provenance.json",
