@@ -38,7 +38,7 @@ if not slurm_cluster_up():
     pytest.skip(NO_SLURM, allow_module_level=True)
 
 SEED = int(os.environ.get("FTLIB_STORM_SEED") or random.SystemRandom().randrange(2**31))
-MAX_STEPS = 70
+MAX_STEPS = 120
 STORM = (f"training.max_steps={MAX_STEPS}", "training.logging_steps=1", "training.save_steps=3",
          "training.eval_strategy=no", "export.merged=false", "export.report=false")
 FAULTS = ["usr2", "usr2", "requeue", "requeue", "kill"]
@@ -52,12 +52,14 @@ def _command(hf_cache, root, *overrides, local=False):
 
 
 def plan(seed: int) -> list[tuple[str, int, float]]:
-    """The storm: (fault, steps, delay): the fault strikes `delay` seconds after the start's first
-    checkpoint at least `steps` past the one it resumed from (checkpoints come every 3 steps).
-    Counted from each start's own resume point, not from step 0: a fault lands a few steps late
-    on a fast machine (the delay, the signal's next step, a save not caught at once), and absolute
-    steps let that drift add up until the run finished before the last fault (seen in CI). Five
-    starts of at most ~12 steps each end well inside MAX_STEPS."""
+    """The storm: (fault, steps, fraction): the fault strikes `fraction` of one training step after
+    the start's first checkpoint at least `steps` past the one it resumed from (checkpoints come
+    every 3 steps): a random moment inside a step, whatever the machine's pace.
+    Counted in steps, never in seconds: a delay in seconds is ~10 steps on the fast CI machine
+    (seen there: a 0.86 s delay struck 15 steps late, and the run ended before the fifth fault).
+    Counted from each start's own resume point, not from step 0, so lateness does not add up.
+    Five starts of ~9 steps each, the kill's up to ~25 (it may miss a few saves before it catches
+    one halfway: a tiny model's save takes milliseconds), end well inside MAX_STEPS."""
     rng = random.Random(seed)
     faults = FAULTS[:]
     rng.shuffle(faults)
@@ -75,16 +77,30 @@ class Job:
         path = (read_json(self.run.state) or {}).get("log")
         return Path(path).read_text(errors="replace") if path and Path(path).exists() else ""
 
-    def saved_since(self, since: float) -> int:
-        """The step of the newest checkpoint marked complete after time `since` (-1: none yet)."""
-        newest = -1
+    def marks_since(self, since: float) -> list[tuple[int, float]]:
+        """(step, time) of each checkpoint marked complete after time `since`, oldest first."""
+        marks = []
         for path in self.run.checkpoints.glob("checkpoint-*"):
             try:
-                if (path / COMPLETE_MARKER).stat().st_mtime >= since:
-                    newest = max(newest, int(path.name.split("-")[-1]))
+                mtime = (path / COMPLETE_MARKER).stat().st_mtime
+                if mtime >= since:
+                    marks.append((int(path.name.split("-")[-1]), mtime))
             except (OSError, ValueError):
                 continue
-        return newest
+        return sorted(marks)
+
+    def saved_since(self, since: float) -> int:
+        """The step of the newest checkpoint marked complete after time `since` (-1: none yet)."""
+        return max((step for step, _ in self.marks_since(since)), default=-1)
+
+    def step_seconds(self, since: float) -> float | None:
+        """Seconds per training step since `since`, from its checkpoints' marks (None: under two yet)."""
+        marks = self.marks_since(since)
+        (first, began), (last, ended) = (marks[0], marks[-1]) if marks else ((0, 0.0), (0, 0.0))
+        return (ended - began) / (last - first) if last > first else None
+
+    def status(self) -> str | None:
+        return (read_json(self.run.state) or {}).get("status")
 
     def seen(self) -> int:
         return ((read_json(self.run.state) or {}).get("restarts") or {}).get("seen", -1)
@@ -124,28 +140,48 @@ def _checkpoint_being_written(run: RunDir) -> Path | None:
 def kill_during_a_save(job: Job) -> str:
     """Freeze the training process the moment a checkpoint folder exists without its marker; if
     the marker is still missing once it is frozen, the save is caught halfway: SIGKILL the step.
-    Otherwise let it go on and wait for the next save."""
+    Otherwise let it go on and wait for the next save. The processes are looked up before the
+    save: a /proc scan takes longer than a save of the tiny model on a fast machine."""
     deadline = time.time() + 300
+    pids = job.task_pids()
     while time.time() < deadline:
         torn = _checkpoint_being_written(job.run)
-        if torn is None:
+        if torn is None or not pids:
+            pids = pids or job.task_pids()
             time.sleep(0.002)
             continue
-        pids = job.task_pids()
-        if not pids:
-            continue
         for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
         if not (torn / COMPLETE_MARKER).exists() and torn.exists():
             for pid in pids:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             requeue(job)
             return torn.name
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         while torn.exists() and not (torn / COMPLETE_MARKER).exists():
             time.sleep(0.01)
     raise AssertionError(f"storm seed {SEED}: no checkpoint save was caught halfway in 300 s")
+
+
+def seed_line(restart: int) -> str:
+    return f"storm seed {SEED}, fault {restart + 1} of {len(FAULTS)}"
+
+
+def restarted(job: Job, count: int) -> bool:
+    """Whether the job has recorded start `count`; fails at once if the run ended instead (a fault
+    that struck too late: the job completed, and no restart is coming)."""
+    assert job.status() != "completed", f"{seed_line(count - 1)}: the run ended instead of restarting"
+    return job.seen() == count
 
 
 def requeue(job: Job) -> None:
@@ -221,7 +257,7 @@ def budget_job(tmp_path_factory, hf_cache):
 
 def test_five_restarts_at_random_moments_end_bitwise_equal_to_an_uninterrupted_run(tmp_path, hf_cache, budget_job):
     storm = plan(SEED)
-    print(f"storm seed {SEED} (replay: FTLIB_STORM_SEED={SEED}): (fault, step, delay s): {storm}")
+    print(f"storm seed {SEED} (replay: FTLIB_STORM_SEED={SEED}): (fault, steps, fraction of a step): {storm}")
     # The uninterrupted reference trains at the same time, in this machine's other process slot.
     reference = subprocess.Popen(_command(hf_cache, tmp_path / "reference", local=True), cwd=REPO,
                                  env=subprocess_env(hf_cache), stdout=subprocess.DEVNULL,
@@ -235,21 +271,25 @@ def test_five_restarts_at_random_moments_end_bitwise_equal_to_an_uninterrupted_r
     job = Job(run)
     torn = []
     resumed = 0   # the step the current start resumed from
-    for restart, (fault, steps, delay) in enumerate(storm):
+    pace = 0.1    # seconds per step, until a start has saved two checkpoints
+    for restart, (fault, steps, fraction) in enumerate(storm):
         # A kill strikes inside the save of the checkpoint at or past `step`: wait for the one
         # before (at least the start's own first one).
         step = resumed + steps - (3 if fault == "kill" else 0)
-        wait_for(lambda: job.saved_since(began) >= max(step, resumed + 1), timeout=900, poll=0.05,
+        wait_for(lambda: job.saved_since(began) >= max(step, resumed + 1), timeout=900, poll=0.01,
                  what=f"storm seed {SEED}: start {restart} to save a checkpoint past step {step}")
-        time.sleep(delay)
+        pace = job.step_seconds(began) or pace
+        time.sleep(fraction * pace)
+        assert job.status() != "completed", f"{seed_line(restart)}: the run ended before it"
         name = strike(job, fault)
         torn += [name] if name else []
-        print(f"storm: {fault} in start {restart}, after checkpoint-{job.saved_since(began)}"
-              + (f", killed while {name} was being written" if name else ""), flush=True)
-        wait_for(lambda: job.seen() == restart + 1, timeout=600, what=f"storm seed {SEED}: restart {restart + 1}")
+        print(f"storm: {fault} in start {restart} ({fraction:.2f} of a {pace:.3f} s step), after "
+              f"checkpoint-{job.saved_since(began)}" + (f", killed while {name} was being written" if name else ""),
+              flush=True)
+        wait_for(lambda: restarted(job, restart + 1), timeout=600, what=f"storm seed {SEED}: restart {restart + 1}")
         began = time.time()   # this start's checkpoints are marked after it recorded itself
         resumed = job.saved_since(0)   # the newest complete checkpoint: where the new start resumes
-        assert resumed < MAX_STEPS, f"storm seed {SEED}: the run reached its end before fault {restart + 2}"
+        assert resumed < MAX_STEPS, f"{seed_line(restart + 1)}: the run reached its end before it"
     wait_for(lambda: run.manifest.exists() and sacct_state(job.id) == "COMPLETED", timeout=900,
              what=f"storm seed {SEED}: the job to complete")
     assert reference.wait(timeout=900) == 0, reference.stderr.read()[-3000:]
