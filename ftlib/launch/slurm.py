@@ -223,22 +223,33 @@ def submit(cfg: RunConfig, runs: list[RunConfig] | None = None, *, wait: bool = 
     sys.stdout.flush()
     if not wait:
         return 0
-    failed = 0
+    failed = set()
     for cfg_i, job in zip(plan.configs, jobs):
         check_private_folder(plan.folder)   # results are pickles too: not from a folder others could write
         try:
             result = job.results()[0]   # one result per task; rank 0's speaks for the run
             print(f"job {job.job_id} ({cfg_i.name}): {result.get('status')}")
         except Exception as exc:  # noqa: BLE001 - report every job, then the exit status
-            failed += 1
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            print(f"job {job.job_id} ({cfg_i.name}) failed: {first}", file=sys.stderr)
-    for job in jobs:
-        failed += not _wait_for_slurm_end(job)
+            failed.add(job.job_id)
+            print(f"job {job.job_id} ({cfg_i.name}) failed: {_failure_reason(cfg_i, exc)}; log: {job.paths.stdout}",
+                  file=sys.stderr)
+    for job in jobs:   # a failure already said is not said again by its Slurm state
+        if not _wait_for_slurm_end(job, quiet=job.job_id in failed):
+            failed.add(job.job_id)
     return 1 if failed else 0
 
 
-def _wait_for_slurm_end(job, timeout: float = 300.0) -> bool:
+def _failure_reason(cfg: RunConfig, exc: Exception) -> str:
+    """What the run recorded in state.json as it failed; else submitit's last line (which is often
+    only the log's path: a job killed before it could record anything)."""
+    recorded = (read_json(RunDir(cfg.run_root).state) or {}).get("error")
+    if recorded:
+        return str(recorded).strip().splitlines()[0]
+    text = str(exc).strip()
+    return text.splitlines()[-1].strip() if text else type(exc).__name__
+
+
+def _wait_for_slurm_end(job, timeout: float = 300.0, quiet: bool = False) -> bool:
     """Wait until Slurm itself calls the job ended, and say whether it COMPLETED. The result pickle
     exists a moment before: the batch script, the epilog and the accounting still run, and a
     user's `submit --wait && next-step` must find the job over (sacct, not squeue: squeue forgets
@@ -251,6 +262,6 @@ def _wait_for_slurm_end(job, timeout: float = 300.0) -> bool:
             return False
         time.sleep(1.0)
     state = job.state
-    if state.upper() != "COMPLETED":
+    if state.upper() != "COMPLETED" and not quiet:
         print(f"job {job.job_id}: Slurm state {state}", file=sys.stderr)
     return state.upper() == "COMPLETED"

@@ -21,13 +21,14 @@ if not slurm_cluster_up():
     pytest.skip(NO_SLURM, allow_module_level=True)
 
 
+def submit_command(hf_cache, root, *overrides, config=TINY_CONFIG, wait=True):
+    return [sys.executable, "jobs/submit.py", str(config), f"storage.root={root}", f"storage.hf_cache={hf_cache}",
+            f"data.train={SAMPLE_DATA}", "slurm.time=00:15:00", *overrides, *(["--wait"] if wait else [])]
+
+
 def submit(hf_cache, root, *overrides, config=TINY_CONFIG, wait=True, timeout=600):
-    args = [sys.executable, "jobs/submit.py", str(config), f"storage.root={root}", f"storage.hf_cache={hf_cache}",
-            f"data.train={SAMPLE_DATA}", "slurm.time=00:15:00", *overrides]
-    if wait:
-        args.append("--wait")
-    return subprocess.run(args, cwd=REPO, env=subprocess_env(hf_cache), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(submit_command(hf_cache, root, *overrides, config=config, wait=wait), cwd=REPO,
+                          env=subprocess_env(hf_cache), capture_output=True, text=True, timeout=timeout)
 
 
 def test_submitted_job_completes_with_artifacts_and_shows_in_status(tmp_path, hf_cache):
@@ -98,16 +99,21 @@ def test_requeue_mid_training_resumes_to_the_uninterrupted_adapter(how, tmp_path
 
 def test_requeues_past_the_limit_fail_with_a_clear_message(tmp_path, hf_cache):
     root = tmp_path / "runs"
-    proc = submit(hf_cache, root, "training.max_steps=100000", "slurm.max_preemptions=0", wait=False)
-    assert proc.returncode == 0, proc.stderr
+    command = submit_command(hf_cache, root, "training.max_steps=100000", "slurm.max_preemptions=0")
+    waiting = subprocess.Popen(command, cwd=REPO, env=subprocess_env(hf_cache), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     run = RunDir(root / "tiny")
-    job_id = read_json(run.state)["job_id"]
     wait_for(lambda: (read_json(run.state) or {}).get("status") == "running", what="the job to run")
+    job_id = read_json(run.state)["job_id"]
     subprocess.run(["scontrol", "requeue", job_id], check=True)
-    wait_for(lambda: sacct_state(job_id) in ("FAILED", "COMPLETED"), timeout=180, what="the job to end")
+    out, err = waiting.communicate(timeout=300)
     log = Path(read_json(run.state)["log"]).read_text()
     assert sacct_state(job_id) == "FAILED"
     assert "more than slurm.max_preemptions=0" in log
+    # `submit --wait` exits 1 once Slurm calls the job ended, and says its failure once.
+    assert waiting.returncode == 1, out + err
+    said = [line for line in err.splitlines() if f"job {job_id}" in line]
+    assert len(said) == 1 and "failed:" in said[0] and "slurm.max_preemptions=0" in said[0], err
 
 
 def test_scancel_saves_a_checkpoint_and_stays_cancelled(tmp_path, hf_cache):
