@@ -242,9 +242,9 @@ def submit(cfg: RunConfig, runs: list[RunConfig] | None = None, *, wait: bool = 
 def _failure_reason(cfg: RunConfig, exc: Exception) -> str:
     """What the run recorded in state.json as it failed; else submitit's last line (which is often
     only the log's path: a job killed before it could record anything)."""
-    recorded = (read_json(RunDir(cfg.run_root).state) or {}).get("error")
-    if recorded:
-        return str(recorded).strip().splitlines()[0]
+    state = read_json(RunDir(cfg.run_root).state) or {}
+    if state.get("status") == "failed" and state.get("error"):   # not an older failure's, left behind
+        return str(state["error"]).strip().splitlines()[0]
     text = str(exc).strip()
     return text.splitlines()[-1].strip() if text else type(exc).__name__
 
