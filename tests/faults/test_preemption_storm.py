@@ -12,6 +12,7 @@ Replay a failure with FTLIB_STORM_SEED=<the seed printed by the failing run>.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -96,8 +97,10 @@ class Job:
     def step_seconds(self, since: float) -> float | None:
         """Seconds per training step since `since`, from its checkpoints' marks (None: under two yet)."""
         marks = self.marks_since(since)
-        (first, began), (last, ended) = (marks[0], marks[-1]) if marks else ((0, 0.0), (0, 0.0))
-        return (ended - began) / (last - first) if last > first else None
+        if len(marks) < 2:
+            return None
+        (first, began), (last, ended) = marks[0], marks[-1]
+        return (ended - began) / (last - first)
 
     def status(self) -> str | None:
         return (read_json(self.run.state) or {}).get("status")
@@ -137,6 +140,13 @@ def _checkpoint_being_written(run: RunDir) -> Path | None:
     return newest if newest is not None and not (newest / COMPLETE_MARKER).exists() else None
 
 
+def signal_all(pids: list[int], signum: int) -> None:
+    """Send `signum` to each process still alive (wandb-core may have exited on its own)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def kill_during_a_save(job: Job) -> str:
     """Freeze the training process the moment a checkpoint folder exists without its marker; if
     the marker is still missing once it is frozen, the save is caught halfway: SIGKILL the step.
@@ -150,24 +160,12 @@ def kill_during_a_save(job: Job) -> str:
             pids = pids or job.task_pids()
             time.sleep(0.002)
             continue
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                pass
+        signal_all(pids, signal.SIGSTOP)
         if not (torn / COMPLETE_MARKER).exists() and torn.exists():
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            signal_all(pids, signal.SIGKILL)
             requeue(job)
             return torn.name
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        signal_all(pids, signal.SIGCONT)
         while torn.exists() and not (torn / COMPLETE_MARKER).exists():
             time.sleep(0.01)
     raise AssertionError(f"storm seed {SEED}: no checkpoint save was caught halfway in 300 s")
